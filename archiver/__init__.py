@@ -1,0 +1,1 @@
+"""Build TorchServe .mar archives from diffusers pipelines."""

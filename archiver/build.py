@@ -1,0 +1,115 @@
+"""Stage a pipeline, its handler code and a model-config.yaml, then pack them with torch-model-archiver."""
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from model_archiver.model_archiver_config import ModelArchiverConfig
+from model_archiver.model_packaging import generate_model_archive
+
+from archiver.sources import PICKLE_SUFFIXES
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HANDLER_PACKAGE = REPO_ROOT / "handlers"
+HANDLER_ENTRY = HANDLER_PACKAGE / "handler.py"
+
+
+@dataclass
+class ServingConfig:
+    """What model-config.yaml tells TorchServe; every value explicit, none left to TorchServe's defaults."""
+
+    min_workers: int = 1
+    max_workers: int = 1
+    batch_size: int = 1
+    max_batch_delay_ms: int = 100
+    response_timeout_s: int = 600
+    startup_timeout_s: int = 600
+    handler: dict = field(default_factory=dict)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(
+            {
+                # TorchServe's default is one worker per CPU core, each with its own copy of the weights.
+                "minWorkers": self.min_workers,
+                "maxWorkers": self.max_workers,
+                "batchSize": self.batch_size,
+                "maxBatchDelay": self.max_batch_delay_ms,
+                "responseTimeout": self.response_timeout_s,
+                "startupTimeout": self.startup_timeout_s,
+                "handler": self.handler,
+            },
+            sort_keys=False,
+        )
+
+
+def build_archive(
+    pipeline_dir: Path,
+    model_name: str,
+    export_path: Path,
+    serving: ServingConfig,
+    workdir: Path,
+    archive_format: str = "default",
+    version: str = "1.0",
+    allow_pickle_weights: bool = False,
+) -> Path:
+    """Pack pipeline_dir and our handler into export_path; return the .mar file or directory."""
+    staged_pipeline = workdir / "stage-pipeline"
+    staged_code = workdir / "stage-code"
+    copy_pipeline(pipeline_dir, staged_pipeline, allow_pickle_weights)
+    copy_handler_package(staged_code / HANDLER_PACKAGE.name)
+    config_file = workdir / "model-config.yaml"
+    config_file.write_text(serving.to_yaml(), encoding="utf-8")
+
+    export_path.mkdir(parents=True, exist_ok=True)
+    print(f"packing with torch-model-archiver ({archive_format} format) into {export_path}")
+    generate_model_archive(
+        ModelArchiverConfig(
+            model_name=model_name,
+            handler=str(HANDLER_ENTRY),
+            version=version,
+            # A directory given as an extra file has its contents copied to the archive root,
+            # so the pipeline needs no inner zip and `handlers/` stays importable there.
+            extra_files=f"{staged_pipeline},{staged_code}",
+            export_path=str(export_path),
+            archive_format=archive_format,
+            force=True,
+            config_file=str(config_file),
+        )
+    )
+    result = export_path / (model_name if archive_format == "no-archive" else f"{model_name}.mar")
+    print(f"built {result} ({human_size(tree_size(result))})")
+    return result
+
+
+def copy_pipeline(source: Path, target: Path, allow_pickle_weights: bool) -> None:
+    """Copy the pipeline, leaving out pickle weights that have a safetensors twin unless allowed."""
+    for path in sorted(source.rglob("*")):
+        relative = path.relative_to(source)
+        if not path.is_file() or relative.parts[0].startswith("."):
+            continue
+        if path.suffix in PICKLE_SUFFIXES and not allow_pickle_weights:
+            print(f"  skipping {relative} (pickle weights are not packed; safetensors are)")
+            continue
+        destination = target / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, destination)
+        print(f"  copying {relative} ({human_size(path.stat().st_size)})")
+
+
+def copy_handler_package(target: Path) -> None:
+    shutil.copytree(HANDLER_PACKAGE, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
+def tree_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
+
+
+def human_size(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    raise AssertionError("unreachable")

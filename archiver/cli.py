@@ -1,0 +1,94 @@
+"""`python -m archiver build`: pack a diffusers pipeline into a TorchServe model archive."""
+
+import argparse
+from pathlib import Path
+
+from archiver.build import REPO_ROOT, ServingConfig, build_archive
+from archiver.sources import BUILT_IN, SourceError, new_workdir, pickle_only_components, resolve_source
+from handlers.config import GenerationDefaults
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m archiver", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build", help="build a .mar from a pipeline")
+    build.add_argument(
+        "--source",
+        default="tiny",
+        help=f"a local diffusers directory, a Hugging Face Hub id, or a built-in: {', '.join(BUILT_IN)} (default: tiny)",
+    )
+    build.add_argument("--model-name", default="stable_diffusion", help="archive and model name (default: %(default)s)")
+    build.add_argument("--export-path", type=Path, default=REPO_ROOT / "model-store", help="where the archive goes")
+    build.add_argument("--archive-format", choices=("default", "no-archive"), default="default",
+                       help="default: one .mar zip; no-archive: a directory, instant to start (default: %(default)s)")
+    build.add_argument("--version", default="1.0")
+    build.add_argument("--revision", help="hub revision (branch, tag or commit) to download")
+
+    serving = build.add_argument_group("TorchServe settings written into model-config.yaml")
+    serving.add_argument("--min-workers", type=int, default=1)
+    serving.add_argument("--max-workers", type=int, default=1)
+    serving.add_argument("--batch-size", type=int, default=1)
+    serving.add_argument("--max-batch-delay", type=int, default=100, help="milliseconds to wait to fill a batch")
+    serving.add_argument("--response-timeout", type=int, default=600, help="seconds per batch")
+    serving.add_argument("--startup-timeout", type=int, default=600, help="seconds to load the model")
+
+    handler = build.add_argument_group("generation defaults written into the handler: section")
+    built_in = GenerationDefaults()
+    handler.add_argument("--guidance-scale", type=float, default=built_in.guidance_scale)
+    handler.add_argument("--num-inference-steps", type=int, default=built_in.num_inference_steps)
+    handler.add_argument("--height", type=int, default=built_in.height)
+    handler.add_argument("--width", type=int, default=built_in.width)
+    handler.add_argument("--torch-dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
+    handler.add_argument(
+        "--allow-unsafe-weights",
+        action="store_true",
+        help="pack and load pickle (.bin/.ckpt) weights; pickle can run arbitrary code when loaded",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    defaults = GenerationDefaults(
+        guidance_scale=args.guidance_scale,
+        num_inference_steps=args.num_inference_steps,
+        height=args.height,
+        width=args.width,
+    )
+    handler_section = {**defaults.model_dump(), "torch_dtype": args.torch_dtype}
+    if args.allow_unsafe_weights:
+        handler_section["allow_pickle_weights"] = True
+    serving = ServingConfig(
+        min_workers=args.min_workers,
+        max_workers=args.max_workers,
+        batch_size=args.batch_size,
+        max_batch_delay_ms=args.max_batch_delay,
+        response_timeout_s=args.response_timeout,
+        startup_timeout_s=args.startup_timeout,
+        handler=handler_section,
+    )
+    with new_workdir() as workdir_name:
+        workdir = Path(workdir_name)
+        try:
+            pipeline_dir = resolve_source(args.source, workdir, args.allow_unsafe_weights, args.revision)
+            unsafe = pickle_only_components(pipeline_dir)
+            if unsafe and not args.allow_unsafe_weights:
+                raise SourceError(
+                    f"these components have only pickle weights (.bin/.ckpt), which can run code when loaded: "
+                    f"{', '.join(unsafe)}. Convert them to safetensors, or pass --allow-unsafe-weights "
+                    "if you trust the source."
+                )
+        except SourceError as error:
+            print(f"error: {error}")
+            return 2
+        build_archive(
+            pipeline_dir,
+            args.model_name,
+            args.export_path,
+            serving,
+            workdir,
+            archive_format=args.archive_format,
+            version=args.version,
+            allow_pickle_weights=args.allow_unsafe_weights,
+        )
+    return 0

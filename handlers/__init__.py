@@ -1,0 +1,1 @@
+"""TorchServe handler for diffusers pipelines and the small modules it wires together."""

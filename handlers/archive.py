@@ -1,0 +1,90 @@
+"""Find the pipeline inside a model directory, unpacking a model.zip once per model version."""
+
+import hashlib
+import os
+import shutil
+import stat
+import tempfile
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from filelock import FileLock
+
+from handlers.errors import PipelineNotFound, UnsafeArchive
+
+PIPELINE_MARKER = "model_index.json"
+ZIPPED_PIPELINE = "model.zip"
+COMPLETE_MARKER = ".unpacked-complete"
+
+
+def locate_pipeline(model_dir: Path, unpack_dir: Path | None = None) -> Path:
+    """The directory holding model_index.json: the archive root, or an unpacked model.zip."""
+    if (model_dir / PIPELINE_MARKER).is_file():
+        return model_dir
+    zipped = model_dir / ZIPPED_PIPELINE
+    if zipped.is_file():
+        return _pipeline_root(unpack_once(zipped, unpack_dir or model_dir / ".unpacked"))
+    raise PipelineNotFound(
+        f"{model_dir} holds neither {PIPELINE_MARKER} (a diffusers pipeline directory) nor {ZIPPED_PIPELINE}"
+    )
+
+
+def unpack_once(zip_path: Path, cache_root: Path) -> Path:
+    """Extract zip_path into cache_root/<sha256>, shared by every worker of the model."""
+    cache_root.mkdir(parents=True, exist_ok=True)
+    target = cache_root / file_sha256(zip_path)
+    # Workers start in parallel: the lock makes one extract while the others wait and reuse.
+    with FileLock(str(target) + ".lock"):
+        if (target / COMPLETE_MARKER).is_file():
+            return target
+        if target.exists():
+            shutil.rmtree(target)  # left half-written by a worker that died mid-extract
+        staging = Path(tempfile.mkdtemp(dir=cache_root, prefix=".staging-"))
+        try:
+            extract_safely(zip_path, staging)
+            (staging / COMPLETE_MARKER).touch()
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def extract_safely(zip_path: Path, target: Path) -> None:
+    """Extract every member, refusing any that could write outside target."""
+    with zipfile.ZipFile(zip_path) as archive:
+        members = archive.infolist()
+        for member in members:
+            check_member(member, target)
+        archive.extractall(target, members)
+
+
+def check_member(member: zipfile.ZipInfo, target: Path) -> None:
+    name = member.filename
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or (path.parts and path.parts[0].endswith(":")):
+        raise UnsafeArchive(f"refusing archive member with an absolute path: {name!r}")
+    if ".." in path.parts:
+        raise UnsafeArchive(f"refusing archive member that climbs out with '..': {name!r}")
+    if stat.S_ISLNK(member.external_attr >> 16):
+        raise UnsafeArchive(f"refusing archive member that is a symbolic link: {name!r}")
+    resolved = (target / path).resolve()
+    if not resolved.is_relative_to(target.resolve()):
+        raise UnsafeArchive(f"refusing archive member that lands outside {target}: {name!r}")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _pipeline_root(unpacked: Path) -> Path:
+    """Accept a zip of the pipeline's contents or of the pipeline folder itself."""
+    if (unpacked / PIPELINE_MARKER).is_file():
+        return unpacked
+    candidates = [child for child in unpacked.iterdir() if (child / PIPELINE_MARKER).is_file()]
+    if len(candidates) == 1:
+        return candidates[0]
+    raise PipelineNotFound(f"{ZIPPED_PIPELINE} has no {PIPELINE_MARKER} at its root or in a single top folder")

@@ -1,0 +1,43 @@
+"""Typed request errors that carry their HTTP status, and the one place that renders them."""
+
+import json
+from typing import Any
+
+
+class RequestError(Exception):
+    """A problem with one request; the rest of its batch carries on."""
+
+    status = 400
+
+    def __init__(self, message: str, field: str | None = None, allowed: Any = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.allowed = allowed
+
+    def to_json(self) -> str:
+        body = {"error": self.message, "field": self.field, "allowed": self.allowed}
+        return json.dumps({key: value for key, value in body.items() if value is not None})
+
+
+class PayloadTooLarge(RequestError):
+    status = 413
+
+
+class OutOfMemory(RequestError):
+    status = 507
+
+    def __init__(self, message: str = "out of memory while generating; retry with fewer or smaller images"):
+        super().__init__(message)
+
+
+class GenerationFailed(RequestError):
+    status = 500
+
+
+class PipelineNotFound(Exception):
+    """The model directory holds neither a diffusers pipeline nor a model.zip with one."""
+
+
+class UnsafeArchive(Exception):
+    """An archive member would land outside the directory it is extracted into."""

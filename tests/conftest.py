@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny real pipelines (diffusers' get_dummy_components style) and a TorchServe context."""
+
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+import ts
+from ts.context import Context, RequestProcessor
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+from archiver.tiny import build_tiny_pipeline
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory) -> Path:
+    """A saved tiny SD pipeline directory (safetensors), built once per test session."""
+    workdir = tmp_path_factory.mktemp("tiny")
+    target = workdir / "pipeline"
+    build_tiny_pipeline(workdir).save_pretrained(target, safe_serialization=True)
+    return target
+
+
+def zip_directory(source: Path, zip_path: Path, prefix: str = "") -> Path:
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        for path in sorted(source.rglob("*")):
+            if path.is_file():
+                archive.write(path, prefix + path.relative_to(source).as_posix())
+    return zip_path
+
+
+def make_context(model_dir: Path, handler_section: dict | None = None, batch_size: int = 1) -> Context:
+    """The Context TorchServe gives a worker, as built by ts.model_loader."""
+    model_yaml_config = {"batchSize": batch_size, "handler": handler_section or {}}
+    manifest = {"model": {"modelName": "tiny", "handler": "handler.py"}}
+    metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
+    metrics.initialize_cache()
+    metrics.model_name = "tiny"
+    return Context(
+        "tiny", str(model_dir), manifest, batch_size, None, "0.12.0", metrics=metrics, model_yaml_config=model_yaml_config
+    )
+
+
+def attach_requests(context: Context, body_types: list[str | None]) -> None:
+    """Give the context per-request headers, as TorchServe's service does before each batch."""
+    context.request_processor = [
+        RequestProcessor({"body": {"content-type": body_type}} if body_type else {}) for body_type in body_types
+    ]
+    context.request_ids = {index: f"request-{index}" for index in range(len(body_types))}
+    context.metrics.request_ids = context.request_ids
+
+
+def read_model_config(archive_dir: Path) -> dict:
+    return yaml.safe_load((archive_dir / "model-config.yaml").read_text())

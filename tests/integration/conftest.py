@@ -1,0 +1,40 @@
+"""One TorchServe per test module, serving archives built by our own archiver CLI."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.server import REPO_ROOT, TorchServe
+
+TINY = "tiny_sd"  # small defaults from its model-config.yaml, for fast tests
+DEFAULTS = "default_sd"  # built-in generation defaults untouched: 7.5 / 50 / 768x768
+
+
+def build_archive(model_store: Path, name: str, *options: str) -> Path:
+    command = [sys.executable, "-m", "archiver", "build", "--export-path", str(model_store), "--model-name", name]
+    result = subprocess.run([*command, *options], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"built {model_store / name}" in result.stdout
+    return model_store / f"{name}.mar"
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory, tiny_pipeline_dir) -> Path:
+    store = tmp_path_factory.mktemp("model-store")
+    build_archive(store, TINY, "--source", "tiny", "--height", "64", "--width", "64", "--num-inference-steps", "4")
+    build_archive(store, DEFAULTS, "--source", str(tiny_pipeline_dir))
+    return store
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model_store):
+    torchserve = TorchServe(
+        tmp_path_factory.mktemp("torchserve"), model_store, {TINY: f"{TINY}.mar", DEFAULTS: f"{DEFAULTS}.mar"}
+    )
+    torchserve.start()
+    try:
+        yield torchserve
+    finally:
+        torchserve.stop()

@@ -1,0 +1,149 @@
+"""A real TorchServe on free loopback ports, owned by the test that starts it."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import requests
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TORCHSERVE = Path(sys.executable).parent / "torchserve"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class TorchServe:
+    """Starts TorchServe in the foreground in its own process group, from the repo's config.properties."""
+
+    def __init__(self, workdir: Path, model_store: Path, models: dict[str, str], token_auth: bool = True):
+        self.workdir = workdir
+        self.model_store = model_store
+        self.models = models
+        self.token_auth = token_auth
+        self.ports = {"inference": free_port(), "management": free_port(), "metrics": free_port()}
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['inference']}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['management']}"
+
+    def write_config(self) -> Path:
+        overrides = {
+            "inference_address": self.inference_url,
+            "management_address": self.management_url,
+            "metrics_address": f"http://127.0.0.1:{self.ports['metrics']}",
+            "model_store": str(self.model_store),
+            "load_models": ",".join(f"{name}={file}" for name, file in self.models.items()),
+            "disable_token_authorization": str(not self.token_auth).lower(),
+            # Worker ports must not collide with another TorchServe on this machine.
+            "initial_worker_port": str(free_port()),
+        }
+        lines = []
+        for line in (REPO_ROOT / "config.properties").read_text().splitlines():
+            key = line.split("=", 1)[0].strip()
+            lines.append(f"{key}={overrides.pop(key)}" if key in overrides else line)
+        lines += [f"{key}={value}" for key, value in overrides.items()]
+        config = self.workdir / "config.properties"
+        config.write_text("\n".join(lines) + "\n")
+        return config
+
+    def start(self, timeout_s: float = 180) -> "TorchServe":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.write_config()
+        # A private temp dir gives this server its own pid file, so a TorchServe the user runs is untouched.
+        env = {**os.environ, "TMPDIR": str(self.workdir), "TEMP": str(self.workdir)}
+        self.log = open(self.workdir / "torchserve.out", "wb")
+        self.process = subprocess.Popen(
+            [str(TORCHSERVE), "--start", "--foreground", "--ncs", "--ts-config", str(config)],
+            cwd=self.workdir,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            self.wait_until_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_until_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        pending = set(self.models)
+        while pending:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"TorchServe exited early:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"models {sorted(pending)} not READY after {timeout_s}s:\n{self.log_tail()}")
+            for name in list(pending):
+                if any(worker["status"] == "READY" for worker in self.describe(name)["workers"]):
+                    pending.discard(name)
+            time.sleep(0.5)
+
+    def keys(self) -> dict[str, str]:
+        data = json.loads((self.workdir / "key_file.json").read_text())
+        return {kind: data[kind]["key"] for kind in ("inference", "management", "API")}
+
+    def auth(self, kind: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys()[kind]}"} if self.token_auth else {}
+
+    def describe(self, name: str) -> dict:
+        try:
+            response = requests.get(f"{self.management_url}/models/{name}", headers=self.auth("management"), timeout=10)
+        except (requests.ConnectionError, FileNotFoundError):
+            return {"workers": []}
+        return response.json()[0] if response.status_code == 200 else {"workers": []}
+
+    def predict(self, name: str, **kwargs) -> requests.Response:
+        headers = {**self.auth("inference"), **kwargs.pop("headers", {})}
+        return requests.post(f"{self.inference_url}/predictions/{name}", headers=headers, timeout=300, **kwargs)
+
+    def processes(self) -> list[psutil.Process]:
+        if self.process is None:
+            return []
+        try:
+            root = psutil.Process(self.process.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self) -> None:
+        """Stop the whole process group and fail loudly if anything survives."""
+        if self.process is None:
+            return
+        family = self.processes()
+        for signal_number, grace_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.process.pid, signal_number)
+            except ProcessLookupError:
+                break
+            _, alive = psutil.wait_procs(family, timeout=grace_s)
+            if not alive:
+                break
+        self.process.wait(timeout=10)
+        self.log.close()
+        survivors = [process for process in family if process.is_running() and process.status() != psutil.STATUS_ZOMBIE]
+        self.process = None
+        assert not survivors, f"TorchServe left processes behind: {survivors}"
+
+    def log_tail(self, lines: int = 60) -> str:
+        text = ""
+        for path in [self.workdir / "torchserve.out", *sorted((self.workdir / "logs").glob("*.log"))]:
+            if path.exists():
+                text += f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) + "\n"
+        return text
