@@ -6,6 +6,7 @@ from pathlib import Path
 from archiver.build import REPO_ROOT, ServingConfig, build_archive
 from archiver.sources import BUILT_IN, SourceError, new_workdir, pickle_only_components, resolve_source
 from handlers.config import GenerationDefaults
+from handlers.schedulers import SCHEDULERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     handler.add_argument("--num-inference-steps", type=int, default=built_in.num_inference_steps)
     handler.add_argument("--height", type=int, default=built_in.height)
     handler.add_argument("--width", type=int, default=built_in.width)
+    handler.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="default sampler (default: the pipeline's own)")
+    handler.add_argument("--output-format", choices=("numpy", "png", "jpeg", "webp", "json"), default=built_in.output_format)
     handler.add_argument("--torch-dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
+    handler.add_argument(
+        "--batching",
+        choices=("auto", "combined", "per_request"),
+        default="auto",
+        help="combined: compatible requests share a pipeline call; per_request: pixels never depend on "
+        "batch neighbours; auto: combined on CUDA, per_request on CPU (default: %(default)s)",
+    )
     handler.add_argument(
         "--allow-unsafe-weights",
         action="store_true",
@@ -54,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         num_inference_steps=args.num_inference_steps,
         height=args.height,
         width=args.width,
+        scheduler=args.scheduler,
+        output_format=args.output_format,
     )
-    handler_section = {**defaults.model_dump(), "torch_dtype": args.torch_dtype}
+    handler_section = {**defaults.model_dump(exclude_none=True), "torch_dtype": args.torch_dtype, "batching": args.batching}
     if args.allow_unsafe_weights:
         handler_section["allow_pickle_weights"] = True
     serving = ServingConfig(

@@ -4,23 +4,48 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from handlers.schedulers import SCHEDULERS
+
+SchedulerName = Literal[tuple(SCHEDULERS)]
+OutputFormat = Literal["numpy", "png", "jpeg", "webp", "json"]
+
 
 class GenerationDefaults(BaseModel):
-    """Generation parameters a request may leave out."""
+    """Generation parameters a request may leave out; the model's config may change their defaults."""
 
     model_config = ConfigDict(extra="forbid")
 
-    guidance_scale: float = Field(7.5, ge=0, le=30)
-    num_inference_steps: int = Field(50, ge=1, le=150)
-    height: int = Field(768, ge=64, le=2048, multiple_of=8)
-    width: int = Field(768, ge=64, le=2048, multiple_of=8)
+    negative_prompt: str | None = Field(None, max_length=1000, description="what to steer away from")
+    num_inference_steps: int = Field(50, ge=1, le=150, description="denoising steps")
+    guidance_scale: float = Field(7.5, ge=0, le=30, allow_inf_nan=False, description="classifier-free guidance")
+    height: int = Field(768, ge=64, le=2048, multiple_of=8, description="pixels, a multiple of 8")
+    width: int = Field(768, ge=64, le=2048, multiple_of=8, description="pixels, a multiple of 8")
+    num_images_per_prompt: int = Field(1, ge=1, le=64, description="images for each prompt")
+    scheduler: SchedulerName | None = Field(None, description="sampler; absent: the pipeline's own")
+    output_format: OutputFormat = Field("numpy", description="numpy (the pytorch/serve example's list), png, jpeg, webp or json")
+    quality: int = Field(90, ge=1, le=100, description="jpeg and webp quality")
 
 
-class HandlerConfig(GenerationDefaults):
+class Limits(BaseModel):
+    """Per-model caps that protect the worker; requests past them get 400 or 413."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_images_per_prompt: int = Field(8, ge=1, le=64)
+    max_pixels: int = Field(1536 * 1536, ge=64 * 64, description="height x width of one image")
+    max_images_per_request: int = Field(16, ge=1, description="prompts x num_images_per_prompt")
+
+
+class HandlerConfig(GenerationDefaults, Limits):
     """Everything the `handler:` section of model-config.yaml may set."""
 
     torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto is float16 on CUDA and float32 on CPU"
+    )
+    batching: Literal["auto", "combined", "per_request"] = Field(
+        "auto",
+        description="combined: compatible requests share one pipeline call (faster); per_request: one call "
+        "each, so pixels never depend on batch neighbours; auto: combined on CUDA, per_request on CPU",
     )
     allow_pickle_weights: bool = Field(
         False, description="load .bin/.ckpt weights; pickle can run code, so only for trusted models"
@@ -32,6 +57,10 @@ class HandlerConfig(GenerationDefaults):
     @property
     def generation_defaults(self) -> GenerationDefaults:
         return GenerationDefaults(**self.model_dump(include=set(GenerationDefaults.model_fields)))
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(**self.model_dump(include=set(Limits.model_fields)))
 
 
 def load_handler_config(model_yaml_config: dict | None) -> HandlerConfig:

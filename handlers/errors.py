@@ -15,9 +15,12 @@ class RequestError(Exception):
         self.field = field
         self.allowed = allowed
 
-    def to_json(self) -> str:
+    def to_dict(self) -> dict:
         body = {"error": self.message, "field": self.field, "allowed": self.allowed}
-        return json.dumps({key: value for key, value in body.items() if value is not None})
+        return {key: value for key, value in body.items() if value is not None}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
 
 
 class PayloadTooLarge(RequestError):

@@ -4,12 +4,13 @@ import json
 import secrets
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
-from handlers.config import GenerationDefaults
-from handlers.errors import RequestError
+from handlers.config import GenerationDefaults, Limits
+from handlers.errors import PayloadTooLarge, RequestError
 
 MAX_SEED = 2**32 - 1
+MAX_PROMPT_LENGTH = 1000
 
 HOW_TO_SEND_A_PROMPT = (
     "no prompt found. Send it as text (-H 'Content-Type: text/plain' -d 'a cat'), "
@@ -18,56 +19,81 @@ HOW_TO_SEND_A_PROMPT = (
     "A bare curl -d 'a cat' is sent form-urlencoded and its text never reaches the model."
 )
 
+# Accept header values that choose an output format when the request names none.
+FORMATS_BY_MEDIA_TYPE = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp", "application/json": "json"}
+
 
 class GenerationRequest(GenerationDefaults):
-    """One generation: the prompt plus every parameter a client may set."""
+    """One generation: the prompt(s) plus every parameter a client may set."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: str = Field(max_length=1000, description="what to draw")
+    prompt: str | list[str] = Field(
+        description=f"non-empty text of at most {MAX_PROMPT_LENGTH} characters, or a non-empty list of such prompts"
+    )
     seed: int = Field(
         default_factory=lambda: secrets.randbelow(MAX_SEED + 1),
         ge=0,
         le=MAX_SEED,
-        description="random when absent; always returned in the X-Seed header",
+        description="random when absent; returned in the X-Seed header; image i uses seed + i",
     )
 
     @field_validator("prompt")
     @classmethod
-    def prompt_is_not_blank(cls, prompt: str) -> str:
-        if not prompt.strip():
-            raise ValueError("prompt is empty")
+    def prompts_are_usable(cls, prompt: str | list[str]) -> str | list[str]:
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not prompts:
+            raise ValueError("the prompt list is empty")
+        for text in prompts:
+            if not text.strip():
+                raise ValueError("prompt is empty")
+            if len(text) > MAX_PROMPT_LENGTH:
+                raise ValueError(f"prompt has {len(text)} characters; at most {MAX_PROMPT_LENGTH} are allowed")
         return prompt
 
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
-def parse_request(row: dict, defaults: GenerationDefaults, body_type: str | None = None) -> GenerationRequest:
-    """Validate a row against GenerationRequest, filling gaps from the model's defaults.
+    @property
+    def image_count(self) -> int:
+        return len(self.prompts) * self.num_images_per_prompt
 
-    body_type is the Content-Type TorchServe recorded for the body, when it has one.
+    @property
+    def image_seeds(self) -> list[int]:
+        return [(self.seed + offset) % (MAX_SEED + 1) for offset in range(self.image_count)]
+
+
+def parse_request(
+    row: Any,
+    defaults: GenerationDefaults,
+    limits: Limits,
+    body_type: str | None = None,
+    accept: str | None = None,
+) -> GenerationRequest:
+    """Validate a row against GenerationRequest: built-in defaults, then the model's, then the request's.
+
+    body_type is the Content-Type TorchServe recorded for the body; accept is the Accept header.
     """
     fields = read_fields(row, body_type)
+    if "output_format" not in fields and (chosen := format_from_accept(accept)):
+        fields["output_format"] = chosen
     try:
-        return GenerationRequest(**{**defaults.model_dump(), **fields})
+        request = GenerationRequest(**{**defaults.model_dump(), **fields})
     except ValidationError as error:
         raise _as_request_error(error) from None
+    check_limits(request, limits)
+    return request
 
 
-def read_fields(row: dict, body_type: str | None = None) -> dict[str, Any]:
+def read_fields(row: Any, body_type: str | None = None) -> dict[str, Any]:
     """Collect request fields from whichever body shape TorchServe delivered."""
-    if "body" in row:
-        body = _as_text(row["body"])
-        if isinstance(row["body"], (bytes, bytearray)) and (body_type or "").startswith("application/json"):
-            body = _load_json(body)  # TorchServe forwards JSON it failed to decode as raw bytes
-        if isinstance(body, dict):
-            fields = dict(body)
-        elif isinstance(body, str):
-            # Raw bytes arrive without a Content-Type, so a JSON object may hide in them.
-            is_raw_bytes = isinstance(row["body"], (bytes, bytearray))
-            fields = (_json_object(body) if is_raw_bytes else None) or {"prompt": body}
-        else:
-            raise RequestError("the JSON body must be an object such as {\"prompt\": \"a cat\"}", field="body")
+    if isinstance(row, str):  # a KServe v1 instance, unwrapped by TorchServe's kserve envelope
+        fields = {"prompt": row}
+    elif not isinstance(row, dict):
+        raise RequestError("expected a prompt or an object of request fields", field="body")
+    elif "body" in row:
+        fields = _fields_from_body(row["body"], body_type)
     else:
-        # Form fields (urlencoded or multipart) arrive as the row's own keys.
+        # Form fields (urlencoded or multipart) and KServe instances arrive as the row's own keys.
         fields = {key: _as_text(value) for key, value in row.items()}
 
     if "data" in fields:
@@ -77,6 +103,91 @@ def read_fields(row: dict, body_type: str | None = None) -> dict[str, Any]:
     if fields.get("prompt") is None:
         raise RequestError(HOW_TO_SEND_A_PROMPT, field="prompt")
     return fields
+
+
+def _fields_from_body(raw: Any, body_type: str | None) -> dict[str, Any]:
+    body = _as_text(raw)
+    is_raw_bytes = isinstance(raw, (bytes, bytearray))
+    if is_raw_bytes and (body_type or "").startswith("application/json"):
+        body = _load_json(body)  # TorchServe forwards JSON it failed to decode as raw bytes
+    if isinstance(body, str):
+        # Raw bytes arrive without a Content-Type, so a JSON object may hide in them.
+        body = (_json_object(body) if is_raw_bytes else None) or {"prompt": body}
+    if not isinstance(body, dict):
+        raise RequestError('the JSON body must be an object such as {"prompt": "a cat"}', field="body")
+    return unwrap_envelope(body)
+
+
+def unwrap_envelope(body: dict) -> dict[str, Any]:
+    """Accept KServe v1/v2 and Hugging Face bodies posted straight to /predictions."""
+    if "instances" in body:
+        instances = body["instances"]
+        if not isinstance(instances, list) or len(instances) != 1:
+            raise RequestError(
+                "`instances` must hold exactly one instance per request here; to send several, "
+                "start TorchServe with service_envelope=kserve",
+                field="instances",
+            )
+        return read_fields(instances[0])
+    inputs = body.get("inputs")
+    if isinstance(inputs, list) and inputs and all(isinstance(item, dict) for item in inputs):
+        return merge_v2_inputs(inputs)
+    if "inputs" in body:
+        parameters = body.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise RequestError("`parameters` must be an object of request fields", field="parameters")
+        return {"prompt": inputs, **parameters}
+    return dict(body)
+
+
+def merge_v2_inputs(inputs: list[dict]) -> dict[str, Any]:
+    """KServe v2 inputs become fields by name; one unnamed-field input is the prompt."""
+    fields: dict[str, Any] = {}
+    for item in inputs:
+        data = item.get("data")
+        if isinstance(data, list) and len(data) == 1:
+            data = data[0]
+        name = item.get("name")
+        if name not in GenerationRequest.model_fields and name != "data" and "prompt" not in fields:
+            name = "prompt"
+        fields[name] = _as_text(data)
+    return fields
+
+
+def is_v2_inputs(rows: list) -> bool:
+    """Rows that TorchServe's kservev2 envelope made out of one request's inputs."""
+    return bool(rows) and all(isinstance(row, dict) and {"name", "datatype", "data"} <= row.keys() for row in rows)
+
+
+def format_from_accept(accept: str | None) -> str | None:
+    for media_range in (accept or "").split(","):
+        media_type = media_range.split(";")[0].strip().lower()
+        if media_type in FORMATS_BY_MEDIA_TYPE:
+            return FORMATS_BY_MEDIA_TYPE[media_type]
+    return None
+
+
+def check_limits(request: GenerationRequest, limits: Limits) -> None:
+    if request.num_images_per_prompt > limits.max_images_per_prompt:
+        raise RequestError(
+            f"num_images_per_prompt: at most {limits.max_images_per_prompt} (got {request.num_images_per_prompt})",
+            field="num_images_per_prompt",
+            allowed={"minimum": 1, "maximum": limits.max_images_per_prompt},
+        )
+    pixels = request.height * request.width
+    if pixels > limits.max_pixels:
+        raise PayloadTooLarge(
+            f"{request.width}x{request.height} is {pixels} pixels; this model allows at most {limits.max_pixels} per image",
+            field="height",
+            allowed={"max_pixels": limits.max_pixels},
+        )
+    if request.image_count > limits.max_images_per_request:
+        raise PayloadTooLarge(
+            f"the request asks for {request.image_count} images (prompts x num_images_per_prompt); "
+            f"at most {limits.max_images_per_request} are allowed",
+            field="num_images_per_prompt",
+            allowed={"max_images_per_request": limits.max_images_per_request},
+        )
 
 
 def _as_text(value: Any) -> Any:
@@ -107,16 +218,17 @@ def _json_object(text: str) -> dict | None:
 
 def _as_request_error(error: ValidationError) -> RequestError:
     first = error.errors()[0]
-    field = ".".join(str(part) for part in first["loc"]) or None
+    field = str(first["loc"][0]) if first["loc"] else None
     if first["type"] == "extra_forbidden":
-        allowed = sorted(GenerationRequest.model_fields)
-        return RequestError(f"unknown field {field!r}", field=field, allowed=allowed)
+        return RequestError(f"unknown field {field!r}", field=field, allowed=sorted(GenerationRequest.model_fields))
     message = first["msg"].removeprefix("Value error, ")
     return RequestError(f"{field}: {message} (got {first.get('input')!r})", field=field, allowed=allowed_values(field))
 
 
-def allowed_values(field: str | None) -> dict | None:
+def allowed_values(field: str | None) -> Any:
     """What a field accepts, read from the model's own declaration."""
     schema = GenerationRequest.model_json_schema()["properties"].get(field or "", {})
+    if "anyOf" in schema:  # optional fields: the constraints sit on the non-null branch
+        schema = {**schema, **next(branch for branch in schema["anyOf"] if branch.get("type") != "null")}
     keys = ("type", "minimum", "maximum", "multipleOf", "maxLength", "enum")
-    return {key: schema[key] for key in keys if key in schema} or None
+    return {key: schema[key] for key in keys if key in schema} or schema.get("description")

@@ -1,12 +1,15 @@
 """Small client helpers shared by query.py and manage.py: addresses, keys, and decoding."""
 
+import base64
 import json
 from pathlib import Path
 
 import numpy as np
+import requests
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpeg", "image/webp": ".webp"}
 
 
 def auth_header(kind: str, key_file: Path) -> dict[str, str]:
@@ -16,9 +19,34 @@ def auth_header(kind: str, key_file: Path) -> dict[str, str]:
     return {"Authorization": f"Bearer {json.loads(key_file.read_text())[kind]['key']}"}
 
 
-def image_from_numpy_json(body: str) -> Image.Image:
-    """Decode the default response the way the pytorch/serve example's client does."""
-    return Image.fromarray(np.array(json.loads(body), dtype="uint8"))
+def images_from_numpy_json(body: str) -> list[Image.Image]:
+    """Decode the numpy-list response the way the pytorch/serve example's client does."""
+    array = np.array(json.loads(body), dtype="uint8")
+    return [Image.fromarray(image) for image in (array if array.ndim == 4 else [array])]
+
+
+def save_response(response: requests.Response, out: Path) -> list[Path]:
+    """Write every image in a response: raw image bytes, the json document, or the numpy list."""
+    content_type = response.headers.get("Content-Type", "").split(";")[0]
+    if content_type in SUFFIXES:
+        files = [(response.content, SUFFIXES[content_type])]
+    else:
+        document = response.json()
+        if isinstance(document, dict):
+            suffix = SUFFIXES[document["content_type"]]
+            files = [(base64.b64decode(image), suffix) for image in document["images"]]
+        else:
+            files = [(image, ".png") for image in images_from_numpy_json(response.text)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for number, (data, suffix) in enumerate(files, start=1):
+        path = out.with_suffix(suffix) if len(files) == 1 else out.with_name(f"{out.stem}-{number}{suffix}")
+        if isinstance(data, Image.Image):
+            data.save(path)
+        else:
+            path.write_bytes(data)
+        paths.append(path)
+    return paths
 
 
 def add_server_arguments(parser, default_port: int) -> None:

@@ -1,5 +1,8 @@
 #!/usr/bin/env python3
-"""Send a prompt (and parameters) to the server and save the image as a PNG."""
+"""Send prompts and generation parameters to the server and save the images.
+
+One image is saved as --out; several as OUT-1, OUT-2, ... The file type follows the response.
+"""
 
 import argparse
 import sys
@@ -7,33 +10,47 @@ from pathlib import Path
 
 import requests
 
-from client import add_server_arguments, auth_header, image_from_numpy_json
+from client import add_server_arguments, auth_header, save_response
+
+PARAMETERS = (
+    "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width", "seed",
+    "num_images_per_prompt", "scheduler", "output_format", "quality",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("prompt", nargs="+", help="one or more prompts (quote each)")
+    parser.add_argument("--negative-prompt")
+    parser.add_argument("--num-inference-steps", type=int, help="1-150")
+    parser.add_argument("--guidance-scale", type=float, help="0-30")
+    parser.add_argument("--height", type=int, help="64-2048, a multiple of 8")
+    parser.add_argument("--width", type=int, help="64-2048, a multiple of 8")
+    parser.add_argument("--seed", type=int, help="0 to 2^32-1; random when absent")
+    parser.add_argument("--num-images-per-prompt", type=int, help="1-8 unless the model allows more")
+    parser.add_argument("--scheduler", help="ddim, pndm, lms, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_karras, unipc, ddpm")
+    parser.add_argument("--output-format", default="png", choices=("png", "jpeg", "webp", "json", "numpy"),
+                        help="what the server sends back (default: %(default)s)")
+    parser.add_argument("--quality", type=int, help="jpeg/webp quality, 1-100")
+    parser.add_argument("--out", type=Path, default=Path("output.png"), help="where to save (default: %(default)s)")
+    add_server_arguments(parser, default_port=8080)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("prompt")
-    parser.add_argument("--out", type=Path, default=Path("output.png"), help="PNG to write (default: %(default)s)")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--num-inference-steps", type=int)
-    parser.add_argument("--guidance-scale", type=float)
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--width", type=int)
-    add_server_arguments(parser, default_port=8080)
-    args = parser.parse_args(argv)
-
-    parameters = ("seed", "num_inference_steps", "guidance_scale", "height", "width")
-    body = {"prompt": args.prompt, **{name: getattr(args, name) for name in parameters if getattr(args, name) is not None}}
+    args = build_parser().parse_args(argv)
+    body = {"prompt": args.prompt[0] if len(args.prompt) == 1 else args.prompt}
+    body |= {name: getattr(args, name) for name in PARAMETERS if getattr(args, name) is not None}
     response = requests.post(
         f"{args.url}/predictions/{args.model}", json=body, headers=auth_header("inference", args.key_file), timeout=3600
     )
     if response.status_code != 200:
         print(f"error {response.status_code}: {response.text}", file=sys.stderr)
         return 1
-    image = image_from_numpy_json(response.text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(args.out)
-    print(f"saved {args.out} ({image.width}x{image.height}, seed {response.headers.get('X-Seed')})")
+    paths = save_response(response, args.out)
+    seed = int(response.headers["X-Seed"])
+    seeds = ", ".join(str(seed + offset) for offset in range(len(paths)))
+    print(f"saved {', '.join(map(str, paths))} (seeds {seeds})")
     return 0
 
 

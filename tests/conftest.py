@@ -41,10 +41,12 @@ def make_context(model_dir: Path, handler_section: dict | None = None, batch_siz
     )
 
 
-def attach_requests(context: Context, body_types: list[str | None]) -> None:
+def attach_requests(context: Context, body_types: list[str | None], headers: list[dict] | None = None) -> None:
     """Give the context per-request headers, as TorchServe's service does before each batch."""
+    headers = headers or [{} for _ in body_types]
     context.request_processor = [
-        RequestProcessor({"body": {"content-type": body_type}} if body_type else {}) for body_type in body_types
+        RequestProcessor({**extra, **({"body": {"content-type": body_type}} if body_type else {})})
+        for body_type, extra in zip(body_types, headers)
     ]
     context.request_ids = {index: f"request-{index}" for index in range(len(body_types))}
     context.metrics.request_ids = context.request_ids

@@ -23,7 +23,10 @@ def build_archive(model_store: Path, name: str, *options: str) -> Path:
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory, tiny_pipeline_dir) -> Path:
     store = tmp_path_factory.mktemp("model-store")
-    build_archive(store, TINY, "--source", "tiny", "--height", "64", "--width", "64", "--num-inference-steps", "4")
+    build_archive(
+        store, TINY, "--source", "tiny", "--height", "64", "--width", "64", "--num-inference-steps", "4",
+        "--batch-size", "4", "--max-batch-delay", "500",
+    )
     build_archive(store, DEFAULTS, "--source", str(tiny_pipeline_dir))
     return store
 

@@ -26,9 +26,11 @@ def test_archive_holds_pipeline_handler_package_and_model_config(tmp_path, tiny_
     assert config["minWorkers"] == config["maxWorkers"] == 1
     assert config["batchSize"] == 4
     assert {"maxBatchDelay", "responseTimeout", "startupTimeout"} <= set(config)
-    assert config["handler"] == {
-        "guidance_scale": 7.5, "num_inference_steps": 50, "height": 64, "width": 768, "torch_dtype": "auto"
-    }
+    handler = config["handler"]
+    assert (handler["guidance_scale"], handler["num_inference_steps"], handler["height"], handler["width"]) == (7.5, 50, 64, 768)
+    assert handler["torch_dtype"] == handler["batching"] == "auto"
+    assert handler["output_format"] == "numpy"
+    assert "scheduler" not in handler  # absent: the pipeline's own
 
 
 def test_no_archive_format_writes_a_directory(tmp_path, tiny_pipeline_dir):

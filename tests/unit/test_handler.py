@@ -1,7 +1,12 @@
+import base64
+import io
 import json
 
 import numpy as np
 import pytest
+from PIL import Image
+from ts.torch_handler.request_envelope.kserve import KServeEnvelope
+from ts.torch_handler.request_envelope.kservev2 import KServev2Envelope
 
 from handlers.handler import DiffusersHandler
 from tests.conftest import attach_requests, make_context, zip_directory
@@ -14,25 +19,57 @@ def decode_numpy_response(body: str) -> np.ndarray:
     return np.array(json.loads(body), dtype="uint8")
 
 
-def run(handler, context, rows, body_types=None):
-    attach_requests(context, body_types or [None] * len(rows))
+def run(handler, context, rows, body_types=None, headers=None):
+    attach_requests(context, body_types or [None] * len(rows), headers)
     return handler.handle(rows, context)
+
+
+def run_json(handler, context, *bodies, accept=None):
+    return run(handler, context, [{"body": body} for body in bodies], ["application/json"] * len(bodies),
+               [{"Accept": accept}] * len(bodies) if accept else None)
+
+
+def serve(pipeline_dir, **handler_section):
+    context = make_context(pipeline_dir, {**SMALL, **handler_section}, batch_size=4)
+    handler = DiffusersHandler()
+    handler.initialize(context)
+    return handler, context
 
 
 @pytest.fixture(scope="module")
 def served(tiny_pipeline_dir):
-    context = make_context(tiny_pipeline_dir, SMALL, batch_size=4)
-    handler = DiffusersHandler()
-    handler.initialize(context)
-    return handler, context
+    return serve(tiny_pipeline_dir)
+
+
+@pytest.fixture(scope="module")
+def served_combined(tiny_pipeline_dir):
+    return serve(tiny_pipeline_dir, batching="combined")
+
+
+class UNetBatchSizes:
+    """Records the batch size of every UNet forward pass, through a real forward hook."""
+
+    def __init__(self, handler):
+        self.sizes = []
+        self.hook = handler.pipeline.unet.register_forward_pre_hook(self.record)
+
+    def record(self, module, args):
+        self.sizes.append(args[0].shape[0])
+
+    def __enter__(self):
+        return self.sizes
+
+    def __exit__(self, *exc):
+        self.hook.remove()
 
 
 def test_initialize_loads_the_pipeline_on_cpu_in_float32(served):
     handler, _ = served
     assert handler.initialized
     assert handler.device.type == "cpu"
-    assert handler.pipeline.unet.dtype.is_floating_point and str(handler.pipeline.unet.dtype) == "torch.float32"
+    assert str(handler.pipeline.unet.dtype) == "torch.float32"
     assert handler.pipeline._progress_bar_config == {"disable": True}
+    assert handler.generator.combine_requests is False  # auto on CPU
 
 
 def test_built_in_defaults_apply_when_the_model_config_sets_none(tiny_pipeline_dir):
@@ -52,18 +89,118 @@ def test_response_is_the_compact_numpy_list(served):
     assert int(context.get_response_headers(0)["X-Seed"]) >= 0
 
 
-def test_batch_answers_each_request_in_order(served):
+@pytest.mark.parametrize("output_format, content_type, pil_format", [("png", "image/png", "PNG"), ("jpeg", "image/jpeg", "JPEG"), ("webp", "image/webp", "WEBP")])
+def test_image_formats_are_raw_bytes_with_their_content_type(served, output_format, content_type, pil_format):
     handler, context = served
-    rows = [{"body": {"prompt": prompt, "seed": seed}} for prompt, seed in [("a cat", 1), ("a dog", 2), ("a house", 3)]]
-    batched = [decode_numpy_response(body).astype(int) for body in run(handler, context, rows, ["application/json"] * 3)]
-    alone = [decode_numpy_response(run(handler, context, [row], ["application/json"])[0]).astype(int) for row in rows]
-    assert len(batched) == 3
-    for index, image in enumerate(batched):
-        distances = [np.abs(image - solo).max() for solo in alone]
-        # CPU kernels are not bit-identical across batch sizes: one grey level of rounding is tolerated,
-        # while another request's image differs by far more.
-        assert distances[index] <= 1
-        assert all(distance > 20 for other, distance in enumerate(distances) if other != index)
+    [body] = run_json(handler, context, {"prompt": "a cat", "output_format": output_format, "width": 96})
+    assert context.get_response_content_type(0) == content_type
+    image = Image.open(io.BytesIO(body))
+    assert (image.format, image.size) == (pil_format, (96, 64))
+
+
+def test_png_pixels_equal_the_numpy_pixels(served):
+    handler, context = served
+    [png] = run_json(handler, context, {"prompt": "a cat", "seed": 5, "output_format": "png"})
+    [listed] = run_json(handler, context, {"prompt": "a cat", "seed": 5})
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), decode_numpy_response(listed))
+
+
+def test_jpeg_quality_changes_the_size(served):
+    handler, context = served
+    low, high = run_json(
+        handler, context, {"prompt": "a cat", "seed": 1, "output_format": "jpeg", "quality": 10},
+        {"prompt": "a cat", "seed": 1, "output_format": "jpeg", "quality": 95},
+    )
+    assert len(low) < len(high)
+
+
+def test_json_format_carries_images_seeds_and_parameters(served):
+    handler, context = served
+    [body] = run_json(handler, context, {"prompt": ["a cat", "a dog"], "num_images_per_prompt": 2, "seed": 10, "output_format": "json"})
+    document = json.loads(body)
+    assert context.get_response_content_type(0) == "application/json"
+    assert document["seeds"] == [10, 11, 12, 13]
+    assert document["content_type"] == "image/png"
+    assert document["parameters"]["prompt"] == ["a cat", "a dog"]
+    assert document["parameters"]["num_inference_steps"] == 4
+    images = [Image.open(io.BytesIO(base64.b64decode(image))) for image in document["images"]]
+    assert [image.size for image in images] == [(64, 64)] * 4
+    assert len({image.tobytes() for image in images}) == 4
+
+
+def test_several_images_in_an_image_format_come_as_the_json_document(served):
+    handler, context = served
+    [body] = run_json(handler, context, {"prompt": "a cat", "num_images_per_prompt": 2, "output_format": "jpeg"})
+    document = json.loads(body)
+    assert document["content_type"] == "image/jpeg"
+    assert all(Image.open(io.BytesIO(base64.b64decode(image))).format == "JPEG" for image in document["images"])
+
+
+def test_several_images_in_numpy_format_are_a_list_of_images(served):
+    handler, context = served
+    [body] = run_json(handler, context, {"prompt": "a cat", "num_images_per_prompt": 3})
+    assert decode_numpy_response(body).shape == (3, 64, 64, 3)
+
+
+def test_accept_header_chooses_the_format(served):
+    handler, context = served
+    [body] = run_json(handler, context, {"prompt": "a cat"}, accept="image/webp")
+    assert context.get_response_content_type(0) == "image/webp"
+    assert Image.open(io.BytesIO(body)).format == "WEBP"
+
+
+@pytest.mark.parametrize("position", range(4))
+def test_same_seed_gives_identical_pixels_in_any_batch_position(served, position):
+    handler, context = served
+    target = {"prompt": "a lighthouse", "seed": 99, "output_format": "png"}
+    [alone] = run_json(handler, context, target)
+    neighbours = [{"prompt": f"neighbour {index}", "seed": index, "output_format": "png"} for index in range(3)]
+    batch = neighbours[:position] + [target] + neighbours[position:]
+    assert run_json(handler, context, *batch)[position] == alone
+
+
+def test_per_request_batching_runs_one_pipeline_call_per_request(served):
+    handler, context = served
+    with UNetBatchSizes(handler) as sizes:
+        run_json(handler, context, *({"prompt": f"p{index}", "seed": index} for index in range(3)))
+    assert set(sizes) == {2}  # one prompt, doubled for classifier-free guidance
+
+
+def test_combined_batching_shares_pipeline_calls_between_compatible_requests(served_combined):
+    handler, context = served_combined
+    bodies = [
+        {"prompt": "a", "seed": 1},
+        {"prompt": "b", "seed": 2, "width": 96},
+        {"prompt": "c", "seed": 3, "num_images_per_prompt": 2},
+        {"prompt": "d", "seed": 4, "scheduler": "euler"},
+    ]
+    with UNetBatchSizes(handler) as sizes:
+        responses = run_json(handler, context, *bodies)
+    steps = SMALL["num_inference_steps"]
+    # a and c share one call (3 images, x2 for guidance); b (size) and d (scheduler) run alone.
+    assert sorted(sizes) == sorted([6] * steps + [2] * steps + [2] * steps)
+    shapes = [decode_numpy_response(body).shape for body in responses]
+    assert shapes == [(64, 64, 3), (64, 96, 3), (2, 64, 64, 3), (64, 64, 3)]
+
+
+def test_a_scheduler_choice_does_not_leak_into_other_requests(served):
+    handler, context = served
+    base_scheduler = type(handler.pipeline.scheduler)
+    [default_before] = run_json(handler, context, {"prompt": "a cat", "seed": 3})
+    [euler] = run_json(handler, context, {"prompt": "a cat", "seed": 3, "scheduler": "euler"})
+    [default_after] = run_json(handler, context, {"prompt": "a cat", "seed": 3})
+    assert euler != default_before
+    assert default_after == default_before
+    assert type(handler.pipeline.scheduler) is base_scheduler
+    assert type(handler.generator.schedulers.pipeline_for("euler").scheduler).__name__ == "EulerDiscreteScheduler"
+
+
+def test_negative_prompt_changes_the_image(served):
+    handler, context = served
+    plain, negative = run_json(
+        handler, context, {"prompt": "a cat", "seed": 3}, {"prompt": "a cat", "seed": 3, "negative_prompt": "dark"}
+    )
+    assert plain != negative
 
 
 def test_one_bad_request_does_not_fail_its_batch(served):
@@ -75,6 +212,37 @@ def test_one_bad_request_does_not_fail_its_batch(served):
     assert json.loads(bodies[1])["field"] == "prompt"
     assert json.loads(bodies[2])["field"] == "num_inference_steps"
     assert decode_numpy_response(bodies[0]).shape == decode_numpy_response(bodies[3]).shape == (64, 64, 3)
+
+
+def test_kserve_v1_envelope_answers_each_instance(served):
+    handler, context = served
+    envelope = KServeEnvelope(handler.handle)
+    attach_requests(context, [None])
+    body = {"instances": [{"data": "a cat", "seed": 1}, "a dog", {"prompt": "x", "height": 5}]}
+    [response] = envelope.handle([{"body": body}], context)
+    cat, dog, bad = response["predictions"]
+    assert np.array(cat, dtype="uint8").shape == np.array(dog, dtype="uint8").shape == (64, 64, 3)
+    assert bad["field"] == "height"
+    json.dumps(response)  # TorchServe serialises it as JSON
+
+
+def test_kserve_v2_envelope_merges_named_inputs(served):
+    handler, context = served
+    envelope = KServev2Envelope(handler.handle)
+    attach_requests(context, [None])
+    body = {
+        "id": "42",
+        "inputs": [
+            {"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["a cat"]},
+            {"name": "output_format", "shape": [1], "datatype": "BYTES", "data": ["json"]},
+        ],
+    }
+    [response] = envelope.handle([{"body": body}], context)
+    assert response["id"] == "42"
+    [output] = response["outputs"]
+    document = output["data"][0]
+    assert Image.open(io.BytesIO(base64.b64decode(document["images"][0]))).size == (64, 64)
+    json.dumps(response)
 
 
 def test_example_layout_with_model_zip_is_served(tmp_path, tiny_pipeline_dir):

@@ -1,12 +1,29 @@
 import json
+import math
 
 import pytest
 
-from handlers.config import GenerationDefaults, load_handler_config
+from handlers.config import GenerationDefaults, Limits, load_handler_config
 from handlers.errors import RequestError
-from handlers.request import MAX_SEED, parse_request
+from handlers.request import MAX_SEED, merge_v2_inputs, parse_request
+from handlers.schedulers import SCHEDULERS
 
 DEFAULTS = GenerationDefaults()
+LIMITS = Limits()
+
+
+def parse(row, body_type=None, accept=None, defaults=DEFAULTS, limits=LIMITS):
+    return parse_request(row, defaults, limits, body_type=body_type, accept=accept)
+
+
+def parse_json(fields, **options):
+    return parse({"body": fields}, "application/json", **options)
+
+
+def rejection(fields, **options) -> RequestError:
+    with pytest.raises(RequestError) as raised:
+        parse_json(fields, **options)
+    return raised.value
 
 
 @pytest.mark.parametrize(
@@ -21,21 +38,91 @@ DEFAULTS = GenerationDefaults()
         pytest.param({"data": "a cat"}, None, id="urlencoded data"),
         pytest.param({"data": bytearray(b"a cat")}, None, id="multipart data"),
         pytest.param({"prompt": bytearray(b"a cat")}, None, id="multipart prompt"),
+        pytest.param({"body": {"instances": [{"data": "a cat"}]}}, "application/json", id="kserve v1 posted directly"),
+        pytest.param({"body": {"instances": ["a cat"]}}, "application/json", id="kserve v1 bare instance"),
+        pytest.param(
+            {"body": {"id": "1", "inputs": [{"name": "x", "shape": -1, "datatype": "BYTES", "data": "a cat"}]}},
+            "application/json",
+            id="kserve v2 posted directly",
+        ),
+        pytest.param({"body": {"inputs": "a cat"}}, "application/json", id="hugging face"),
+        pytest.param("a cat", None, id="kserve v1 instance from the envelope"),
     ],
 )
 def test_every_body_shape_yields_the_prompt(row, body_type):
-    request = parse_request(row, DEFAULTS, body_type)
+    request = parse(row, body_type)
     assert request.prompt == "a cat"
     assert (request.height, request.width, request.num_inference_steps, request.guidance_scale) == (768, 768, 50, 7.5)
+    assert request.output_format == "numpy"
+
+
+def test_every_field_is_taken_from_json():
+    fields = {
+        "prompt": ["a cat", "a dog"],
+        "negative_prompt": "blurry",
+        "num_inference_steps": 12,
+        "guidance_scale": 3.5,
+        "height": 128,
+        "width": 96,
+        "seed": 7,
+        "num_images_per_prompt": 2,
+        "scheduler": "euler_a",
+        "output_format": "jpeg",
+        "quality": 70,
+    }
+    request = parse_json(fields)
+    assert request.model_dump() == fields
+    assert request.prompts == ["a cat", "a dog"]
+    assert request.image_count == 4
+    assert request.image_seeds == [7, 8, 9, 10]
+
+
+def test_seeds_of_later_images_wrap_around():
+    assert parse_json({"prompt": "a", "seed": MAX_SEED, "num_images_per_prompt": 2}).image_seeds == [MAX_SEED, 0]
+
+
+def test_hugging_face_parameters_and_kserve_v2_named_inputs_become_fields():
+    hugging_face = parse_json({"inputs": "a cat", "parameters": {"seed": 5, "num_inference_steps": 3}})
+    assert (hugging_face.seed, hugging_face.num_inference_steps) == (5, 3)
+    named = merge_v2_inputs(
+        [
+            {"name": "prompt", "datatype": "BYTES", "data": ["a cat"]},
+            {"name": "seed", "datatype": "INT64", "data": [9]},
+        ]
+    )
+    assert named == {"prompt": "a cat", "seed": 9}
+
+
+def test_several_kserve_instances_in_one_direct_request_are_refused():
+    assert rejection({"instances": ["a", "b"]}).field == "instances"
 
 
 def test_form_fields_carry_parameters_as_text():
-    request = parse_request({"prompt": b"a cat", "num_inference_steps": b"12", "seed": "42"}, DEFAULTS)
-    assert (request.num_inference_steps, request.seed) == (12, 42)
+    request = parse({"prompt": b"a cat", "num_inference_steps": b"12", "seed": "42", "output_format": b"png"})
+    assert (request.num_inference_steps, request.seed, request.output_format) == (12, 42, "png")
 
 
 def test_a_text_prompt_that_looks_like_json_stays_a_prompt():
-    assert parse_request({"body": "{masterpiece} a cat"}, DEFAULTS, "text/plain").prompt == "{masterpiece} a cat"
+    assert parse({"body": "{masterpiece} a cat"}, "text/plain").prompt == "{masterpiece} a cat"
+
+
+@pytest.mark.parametrize(
+    "accept, expected",
+    [
+        ("image/png", "png"),
+        ("image/jpeg", "jpeg"),
+        ("image/webp;q=0.9, */*;q=0.1", "webp"),
+        ("application/json", "json"),
+        ("*/*", "numpy"),
+        (None, "numpy"),
+    ],
+)
+def test_accept_header_chooses_the_format(accept, expected):
+    assert parse({"body": "a cat"}, "text/plain", accept=accept).output_format == expected
+
+
+def test_an_explicit_format_beats_the_accept_header():
+    assert parse_json({"prompt": "a cat", "output_format": "png"}, accept="image/jpeg").output_format == "png"
 
 
 @pytest.mark.parametrize(
@@ -43,7 +130,7 @@ def test_a_text_prompt_that_looks_like_json_stays_a_prompt():
 )
 def test_a_missing_prompt_says_how_to_send_one(row):
     with pytest.raises(RequestError) as raised:
-        parse_request(row, DEFAULTS)
+        parse(row)
     assert raised.value.status == 400
     assert raised.value.field == "prompt"
     assert "Content-Type: text/plain" in raised.value.message
@@ -52,7 +139,7 @@ def test_a_missing_prompt_says_how_to_send_one(row):
 
 def test_malformed_json_is_a_400_that_says_so():
     with pytest.raises(RequestError, match="not valid JSON") as raised:
-        parse_request({"body": b'{"prompt": "a cat"'}, DEFAULTS, "application/json")
+        parse({"body": b'{"prompt": "a cat"'}, "application/json")
     assert raised.value.field == "body"
 
 
@@ -61,44 +148,71 @@ def test_malformed_json_is_a_400_that_says_so():
     [
         ({"prompt": "   "}, "prompt"),
         ({"prompt": "x" * 1001}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": ["a cat", ""]}, "prompt"),
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": "a cat", "negative_prompt": 5}, "negative_prompt"),
         ({"prompt": "a cat", "num_inference_steps": 0}, "num_inference_steps"),
+        ({"prompt": "a cat", "num_inference_steps": 151}, "num_inference_steps"),
+        ({"prompt": "a cat", "num_inference_steps": "many"}, "num_inference_steps"),
         ({"prompt": "a cat", "height": 100}, "height"),
+        ({"prompt": "a cat", "width": 4096}, "width"),
+        ({"prompt": "a cat", "height": 56}, "height"),
         ({"prompt": "a cat", "guidance_scale": 31}, "guidance_scale"),
+        ({"prompt": "a cat", "guidance_scale": -1}, "guidance_scale"),
+        ({"prompt": "a cat", "guidance_scale": math.nan}, "guidance_scale"),
         ({"prompt": "a cat", "seed": MAX_SEED + 1}, "seed"),
         ({"prompt": "a cat", "seed": -1}, "seed"),
+        ({"prompt": "a cat", "num_images_per_prompt": 0}, "num_images_per_prompt"),
+        ({"prompt": "a cat", "num_images_per_prompt": 9}, "num_images_per_prompt"),
+        ({"prompt": "a cat", "scheduler": "magic"}, "scheduler"),
+        ({"prompt": "a cat", "output_format": "gif"}, "output_format"),
+        ({"prompt": "a cat", "quality": 101}, "quality"),
     ],
 )
-def test_invalid_values_name_the_field_and_what_is_allowed(fields, field):
-    with pytest.raises(RequestError) as raised:
-        parse_request({"body": fields}, DEFAULTS, "application/json")
-    error = raised.value
-    assert error.field == field
+def test_invalid_values_are_400s_naming_the_field_and_what_is_allowed(fields, field):
+    error = rejection(fields)
+    assert error.status == 400
     body = json.loads(error.to_json())
-    assert body["field"] == field and body["error"]
-    if field != "prompt" or len(fields["prompt"]) > 1000:
-        assert body["allowed"]
+    assert body["field"] == field
+    assert body["error"]
+    assert body["allowed"]
+
+
+def test_unknown_schedulers_and_formats_list_the_known_ones():
+    assert set(rejection({"prompt": "a", "scheduler": "magic"}).allowed["enum"]) == set(SCHEDULERS)
+    assert rejection({"prompt": "a", "output_format": "gif"}).allowed["enum"] == ["numpy", "png", "jpeg", "webp", "json"]
 
 
 def test_unknown_fields_list_the_known_ones():
-    with pytest.raises(RequestError) as raised:
-        parse_request({"body": {"prompt": "a cat", "steps": 3}}, DEFAULTS, "application/json")
-    assert raised.value.field == "steps"
-    assert "num_inference_steps" in raised.value.allowed
+    error = rejection({"prompt": "a cat", "steps": 3})
+    assert error.field == "steps"
+    assert "num_inference_steps" in error.allowed
 
 
 def test_prompt_and_data_together_are_ambiguous():
-    with pytest.raises(RequestError, match="not both"):
-        parse_request({"body": {"prompt": "a", "data": "b"}}, DEFAULTS, "application/json")
+    assert "not both" in rejection({"prompt": "a", "data": "b"}).message
+
+
+def test_requests_past_the_model_limits_are_413s():
+    limits = Limits(max_pixels=128 * 128, max_images_per_request=4, max_images_per_prompt=3)
+    too_big = rejection({"prompt": "a", "height": 256, "width": 128}, limits=limits)
+    assert (too_big.status, too_big.allowed) == (413, {"max_pixels": 128 * 128})
+    too_many = rejection({"prompt": ["a", "b"], "num_images_per_prompt": 3, "height": 64, "width": 64}, limits=limits)
+    assert (too_many.status, too_many.field) == (413, "num_images_per_prompt")
+    over_configured_max = rejection({"prompt": "a", "num_images_per_prompt": 4, "height": 64, "width": 64}, limits=limits)
+    assert (over_configured_max.status, over_configured_max.allowed["maximum"]) == (400, 3)
 
 
 def test_defaults_flow_built_in_then_model_config_then_request():
-    config = load_handler_config({"handler": {"height": 64, "width": 128, "num_inference_steps": 4}})
+    config = load_handler_config({"handler": {"height": 64, "width": 128, "num_inference_steps": 4, "scheduler": "euler"}})
     defaults = config.generation_defaults
-    from_config = parse_request({"body": "a cat"}, defaults, "text/plain")
+    from_config = parse({"body": "a cat"}, "text/plain", defaults=defaults)
     assert (from_config.height, from_config.width, from_config.num_inference_steps) == (64, 128, 4)
+    assert from_config.scheduler == "euler"
     assert from_config.guidance_scale == 7.5  # not in the config: the built-in default
-    from_request = parse_request({"body": {"prompt": "a cat", "width": 256}}, defaults, "application/json")
-    assert (from_request.height, from_request.width) == (64, 256)
+    from_request = parse_json({"prompt": "a cat", "width": 256, "scheduler": "ddim"}, defaults=defaults)
+    assert (from_request.height, from_request.width, from_request.scheduler) == (64, 256, "ddim")
 
 
 def test_a_bad_model_config_fails_loudly():
@@ -107,6 +221,6 @@ def test_a_bad_model_config_fails_loudly():
 
 
 def test_missing_seed_is_drawn_per_request():
-    seeds = {parse_request({"body": "a cat"}, DEFAULTS, "text/plain").seed for _ in range(5)}
+    seeds = {parse({"body": "a cat"}, "text/plain").seed for _ in range(5)}
     assert len(seeds) > 1
     assert all(0 <= seed <= MAX_SEED for seed in seeds)
