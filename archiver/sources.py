@@ -3,10 +3,16 @@
 import tempfile
 from pathlib import Path
 
+from archiver.digits import DEFAULT_WEIGHTS_DIR as DIGITS_WEIGHTS_DIR
 from archiver.tiny import build_tiny_pipeline
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-BUILT_IN = {"tiny": build_tiny_pipeline}
+BUILT_IN = {"tiny": build_tiny_pipeline}  # built from code, random weights
+SHIPPED = {"digits": DIGITS_WEIGHTS_DIR}  # trained weights committed to the repository
+# Generation defaults that suit a shipped model, used where the build command sets none.
+RECOMMENDED_DEFAULTS = {
+    "digits": {"height": 64, "width": 64, "num_inference_steps": 25, "guidance_scale": 4.0},
+}
 
 
 class SourceError(Exception):
@@ -15,6 +21,9 @@ class SourceError(Exception):
 
 def resolve_source(source: str, workdir: Path, allow_pickle_weights: bool = False, revision: str | None = None) -> Path:
     """A built-in name, a local directory, or a Hugging Face Hub id, as a local directory."""
+    if source in SHIPPED:
+        print(f"using the shipped {source!r} pipeline in {SHIPPED[source]}")
+        return SHIPPED[source]
     if source in BUILT_IN:
         print(f"building the built-in {source!r} pipeline from code (random weights, no download)")
         target = workdir / source

@@ -103,6 +103,10 @@ class ImageGenerator:
             # One generator per image, seeded from its request, so the noise never depends on
             # neighbours. CPU generators give the same noise on every device.
             generators += [torch.Generator("cpu").manual_seed(seed) for seed in request.image_seeds]
+        if first.guidance_scale == 0:
+            # Guidance uncond + w * (cond - uncond) at w = 0 is the unconditional prediction, but
+            # diffusers treats every w <= 1 as conditional; sample from the negative prompt instead.
+            prompts, negative_prompts = negative_prompts, []
         # Only pass negative prompts when asked: some pipelines (FLUX) take none.
         extra = {"negative_prompt": negative_prompts} if any(negative_prompts) else {}
         try:

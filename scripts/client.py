@@ -1,6 +1,7 @@
 """Small client helpers shared by query.py and manage.py: addresses, keys, and decoding."""
 
 import base64
+import io
 import json
 from pathlib import Path
 
@@ -25,6 +26,12 @@ def images_from_numpy_json(body: str) -> list[Image.Image]:
     return [Image.fromarray(image) for image in (array if array.ndim == 4 else [array])]
 
 
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def save_response(response: requests.Response, out: Path) -> list[Path]:
     """Write every image in a response: raw image bytes, the json document, or the numpy list."""
     content_type = response.headers.get("Content-Type", "").split(";")[0]
@@ -36,15 +43,12 @@ def save_response(response: requests.Response, out: Path) -> list[Path]:
             suffix = SUFFIXES[document["content_type"]]
             files = [(base64.b64decode(image), suffix) for image in document["images"]]
         else:
-            files = [(image, ".png") for image in images_from_numpy_json(response.text)]
+            files = [(png_bytes(image), ".png") for image in images_from_numpy_json(response.text)]
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = []
     for number, (data, suffix) in enumerate(files, start=1):
         path = out.with_suffix(suffix) if len(files) == 1 else out.with_name(f"{out.stem}-{number}{suffix}")
-        if isinstance(data, Image.Image):
-            data.save(path)
-        else:
-            path.write_bytes(data)
+        path.write_bytes(data)
         paths.append(path)
     return paths
 

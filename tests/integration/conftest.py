@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.server import REPO_ROOT, TorchServe
+from archiver.server import REPO_ROOT, TorchServe
 
 TINY = "tiny_sd"  # small defaults from its model-config.yaml, for fast tests
 DEFAULTS = "default_sd"  # built-in generation defaults untouched: 7.5 / 50 / 768x768

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.integration.conftest import TINY
-from tests.integration.server import REPO_ROOT
+from archiver.server import REPO_ROOT
 
 
 def concurrently(server, bodies: list[dict]) -> list:

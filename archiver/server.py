@@ -1,4 +1,4 @@
-"""A real TorchServe on free loopback ports, owned by the test that starts it."""
+"""A TorchServe on free loopback ports, owned by the test or benchmark that starts it."""
 
 import json
 import os
@@ -12,7 +12,8 @@ from pathlib import Path
 import psutil
 import requests
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from archiver.build import REPO_ROOT
+
 TORCHSERVE = Path(sys.executable).parent / "torchserve"
 
 
@@ -25,11 +26,19 @@ def free_port() -> int:
 class TorchServe:
     """Starts TorchServe in the foreground in its own process group, from the repo's config.properties."""
 
-    def __init__(self, workdir: Path, model_store: Path, models: dict[str, str], token_auth: bool = True):
+    def __init__(
+        self,
+        workdir: Path,
+        model_store: Path,
+        models: dict[str, str],
+        token_auth: bool = True,
+        extra_config: dict[str, str] | None = None,
+    ):
         self.workdir = workdir
         self.model_store = model_store
         self.models = models
         self.token_auth = token_auth
+        self.extra_config = extra_config or {}
         self.ports = {"inference": free_port(), "management": free_port(), "metrics": free_port()}
         self.process: subprocess.Popen | None = None
 
@@ -51,6 +60,7 @@ class TorchServe:
             "disable_token_authorization": str(not self.token_auth).lower(),
             # Worker ports must not collide with another TorchServe on this machine.
             "initial_worker_port": str(free_port()),
+            **self.extra_config,
         }
         lines = []
         for line in (REPO_ROOT / "config.properties").read_text().splitlines():
