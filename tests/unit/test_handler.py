@@ -83,7 +83,7 @@ def test_built_in_defaults_apply_when_the_model_config_sets_none(tiny_pipeline_d
 def test_response_is_the_compact_numpy_list(served):
     handler, context = served
     [body] = run(handler, context, [{"body": "a cat"}], ["text/plain"])
-    assert isinstance(body, str) and "\n" not in body and ", " not in body
+    assert isinstance(body, bytes) and b"\n" not in body and b", " not in body
     assert decode_numpy_response(body).shape == (64, 64, 3)
     assert context.get_response_content_type(0) == "application/json"
     assert int(context.get_response_headers(0)["X-Seed"]) >= 0
