@@ -1,0 +1,534 @@
+#!/usr/bin/env python3
+"""Benchmark our handler against the pytorch/serve example (the baseline) and the bare pipeline.
+
+Everything is measured in one run, on one model (the tiny SD-shaped pipeline, or full-size SD 1.5
+with random weights under --gpu) and one machine, and every figure is printed with its ratios
+ours/baseline and ours/bare. Results go to --out as results.json, results.csv, results.md and
+results.png.
+
+  python scripts/bench.py --quick     # under 3 minutes on a 2-core CPU
+  python scripts/bench.py             # larger images, more requests
+  python scripts/bench.py --gpu       # CUDA: SD 1.5 architecture, fp16, 512x512, 50 steps
+"""
+
+import argparse
+import csv
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from archiver.build import REPO_ROOT, ServingConfig, build_archive  # noqa: E402
+from archiver.server import TorchServe  # noqa: E402
+from archiver.tiny import build_tiny_pipeline  # noqa: E402
+from handlers.codecs import encode_response  # noqa: E402
+from handlers.pipelines import GenerationResult, load_pipeline  # noqa: E402
+from handlers.request import GenerationRequest  # noqa: E402
+
+BASELINE_HANDLER = REPO_ROOT / "scripts" / "baseline" / "baseline_handler.py"
+PROMPT = "a photo of an astronaut riding a horse on mars"
+TARGETS = {
+    "png_body_vs_baseline": ("<=", 0.10),
+    "encode_speedup_vs_baseline": (">=", 10.0),
+    "compat_body_vs_baseline": ("<=", 0.50),
+    "overhead_vs_bare": ("<=", 0.05),
+    "throughput_c8_vs_baseline": (">=", 2.0),
+    "scale_up_vs_baseline": ("<=", 0.50),
+}
+
+
+@dataclass
+class Plan:
+    size: int  # image side for the load and overhead runs
+    load_steps: int  # denoising steps in the load runs
+    overhead_steps: int  # the serving-overhead comparison runs at 50 steps
+    requests_per_level: int
+    encode_repeats: int
+    dtype: str = "float32"
+
+
+QUICK = Plan(size=64, load_steps=4, overhead_steps=50, requests_per_level=8, encode_repeats=3)
+FULL = Plan(size=128, load_steps=20, overhead_steps=50, requests_per_level=24, encode_repeats=5)
+GPU = Plan(size=512, load_steps=50, overhead_steps=50, requests_per_level=16, encode_repeats=5, dtype="float16")
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ---------------------------------------------------------------- archives
+
+
+def build_archives(workdir: Path, pipeline_dir: Path, plan: Plan) -> Path:
+    """Ours (zip and no-archive, batchSize 1 and 4) and the baseline (zip-in-zip), one model store."""
+    store = workdir / "model-store"
+    handler_defaults = {
+        "height": plan.size, "width": plan.size, "num_inference_steps": plan.load_steps, "torch_dtype": plan.dtype
+    }
+    for name, batch_size, archive_format, batching in (
+        ("ours_b1", 1, "default", "auto"),
+        ("ours_b4", 4, "default", "combined"),
+        ("ours_noarchive", 1, "no-archive", "auto"),
+    ):
+        serving = ServingConfig(batch_size=batch_size, max_batch_delay_ms=50, handler={**handler_defaults, "batching": batching})
+        stage = workdir / f"stage-{name}"
+        stage.mkdir()
+        build_archive(pipeline_dir, name, store, serving, stage, archive_format=archive_format)
+    model_zip = workdir / "model.zip"
+    with zipfile.ZipFile(model_zip, "w") as archive:
+        for path in sorted(pipeline_dir.rglob("*")):
+            if path.is_file():
+                archive.write(path, path.relative_to(pipeline_dir).as_posix())
+    for name, batch_size in (("baseline_b1", 1), ("baseline_b4", 4)):
+        build_baseline_archive(workdir, store, name, batch_size, model_zip, plan)
+    return store
+
+
+def build_baseline_archive(workdir: Path, store: Path, name: str, batch_size: int, model_zip: Path, plan: Plan) -> None:
+    from model_archiver.model_archiver_config import ModelArchiverConfig
+    from model_archiver.model_packaging import generate_model_archive
+
+    handler = workdir / f"{name}_handler.py"
+    fixed = f"dict(guidance_scale=7.5, num_inference_steps={plan.load_steps}, height={plan.size}, width={plan.size})"
+    source = BASELINE_HANDLER.read_text()
+    handler.write_text(source.replace("dict(guidance_scale=7.5, num_inference_steps=50, height=768, width=768)", fixed))
+    config = workdir / f"{name}-config.yaml"
+    config.write_text(yaml.safe_dump({"minWorkers": 1, "maxWorkers": 1, "batchSize": batch_size, "maxBatchDelay": 50,
+                                      "responseTimeout": 600, "startupTimeout": 600}))
+    generate_model_archive(ModelArchiverConfig(
+        model_name=name, handler=str(handler), version="1.0", extra_files=str(model_zip),
+        export_path=str(store), force=True, config_file=str(config),
+    ))
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def measure_encoding(pipeline, plan: Plan) -> dict:
+    """Server-side encode time and body bytes for one 768x768 image (512x512 under --gpu)."""
+    side = 512 if plan.dtype == "float16" else 768
+    image = pipeline(PROMPT, height=side, width=side, num_inference_steps=2,
+                     generator=torch.Generator().manual_seed(0)).images[0]
+
+    def baseline_encode():
+        # What TorchServe does with the baseline's list: json.dumps(..., indent=2).
+        return json.dumps(np.array(image).tolist(), indent=2).encode()
+
+    def ours(output_format):
+        request = GenerationRequest(prompt=PROMPT, height=side, width=side, seed=0, output_format=output_format)
+        def encode():
+            body, _ = encode_response(request, GenerationResult([image], [0]))
+            return body.encode() if isinstance(body, str) else body
+        return encode
+
+    results = {"encode_side": side}
+    for name, encode in (("baseline", baseline_encode), ("numpy", ours("numpy")), ("png", ours("png")), ("jpeg", ours("jpeg"))):
+        timings = []
+        for _ in range(plan.encode_repeats):
+            started = time.perf_counter()
+            body = encode()
+            timings.append(time.perf_counter() - started)
+        results[f"encode_s_{name}"] = statistics.median(timings)
+        results[f"body_bytes_{name}"] = len(body)
+    return results
+
+
+def start_server(workdir: Path, store: Path, models: dict[str, str], label: str) -> tuple[TorchServe, float]:
+    server = TorchServe(workdir / f"ts-{label}", store, models, extra_config={"max_response_size": str(200 * 2**20)})
+    started = time.perf_counter()
+    server.start(timeout_s=600)
+    return server, time.perf_counter() - started
+
+
+def scale_time(server: TorchServe, model: str, workers: int) -> float:
+    started = time.perf_counter()
+    response = requests.put(f"{server.management_url}/models/{model}",
+                            params={"min_worker": workers, "max_worker": workers, "synchronous": "true"},
+                            headers=server.auth("management"), timeout=600)
+    response.raise_for_status()
+    return time.perf_counter() - started
+
+
+def measure_cold_start(workdir: Path, store: Path) -> dict:
+    results = {}
+    for label, archive in (("ours_zip", "ours_b1.mar"), ("ours_noarchive", "ours_noarchive"), ("baseline", "baseline_b1.mar")):
+        model = archive.removesuffix(".mar")
+        server, startup = start_server(workdir, store, {model: archive}, f"cold-{label}")
+        try:
+            results[f"cold_start_s_{label}"] = startup
+            results[f"scale_up_s_{label}"] = scale_time(server, model, 2)
+        finally:
+            server.stop()
+        log(f"cold start {label}: {startup:.1f} s to READY, {results[f'scale_up_s_{label}']:.1f} s from 1 to 2 workers")
+    return results
+
+
+def ours_body(plan: Plan, steps: int, output_format: str = "numpy") -> dict:
+    return {"prompt": PROMPT, "height": plan.size, "width": plan.size, "num_inference_steps": steps, "output_format": output_format}
+
+
+def run_load(server: TorchServe, model: str, concurrency: int, count: int, request_kwargs) -> dict:
+    latencies, sizes = [], []
+    lock = threading.Lock()
+
+    def one(index):
+        started = time.perf_counter()
+        response = server.predict(model, **request_kwargs(index))
+        elapsed = time.perf_counter() - started
+        response.raise_for_status()
+        with lock:
+            latencies.append(elapsed)
+            sizes.append(len(response.content))
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(count)))
+    wall = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "p50_s": latencies[len(latencies) // 2],
+        "p95_s": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
+        "throughput_rps": count / wall,
+        "body_bytes": statistics.median(sizes),
+    }
+
+
+def measure_load(server: TorchServe, plan: Plan) -> dict:
+    results = {}
+    kinds = {
+        "ours": lambda index: {"json": {**ours_body(plan, plan.load_steps), "seed": index}},
+        "baseline": lambda index: {"data": PROMPT.encode()},
+    }
+    for batch_size in (1, 4):
+        for concurrency in (1, 4, 8):
+            count = max(plan.requests_per_level, 2 * concurrency)
+            for kind, request_kwargs in kinds.items():
+                model = f"{kind}_b{batch_size}"
+                figures = run_load(server, model, concurrency, count, request_kwargs)
+                for key, value in figures.items():
+                    results[f"{key}_{kind}_b{batch_size}_c{concurrency}"] = value
+                log(f"{model} c={concurrency}: p50 {figures['p50_s']:.3f} s, p95 {figures['p95_s']:.3f} s, "
+                    f"{figures['throughput_rps']:.2f} req/s")
+    return results
+
+
+def measure_end_to_end_bodies(server: TorchServe, plan: Plan) -> dict:
+    results = {}
+    for output_format in ("numpy", "png", "jpeg"):
+        response = server.predict("ours_b1", json=ours_body(plan, plan.load_steps, output_format))
+        response.raise_for_status()
+        results[f"e2e_body_bytes_{output_format}"] = len(response.content)
+    response = server.predict("baseline_b1", data=PROMPT.encode())
+    response.raise_for_status()
+    results["e2e_body_bytes_baseline"] = len(response.content)
+    return results
+
+
+def measure_overhead(server: TorchServe, pipeline, plan: Plan) -> dict:
+    """End-to-end latency over a bare in-process pipeline call, both at 50 steps, median of 7."""
+    def bare():
+        pipeline(PROMPT, height=plan.size, width=plan.size, num_inference_steps=plan.overhead_steps,
+                 generator=torch.Generator().manual_seed(0))
+
+    def served():
+        response = server.predict("ours_b1", json={**ours_body(plan, plan.overhead_steps, "png"), "seed": 0})
+        response.raise_for_status()
+
+    results = {}
+    for name, call in (("bare", bare), ("served", served)):
+        call()  # warm-up
+        timings = []
+        for _ in range(7):
+            started = time.perf_counter()
+            call()
+            timings.append(time.perf_counter() - started)
+        results[f"latency_50_steps_s_{name}"] = statistics.median(timings)
+    return results
+
+
+def measure_compile(pipeline, plan: Plan) -> dict:
+    """GPU only: a bare 50-step call with the UNet eager, then compiled (after its warm-up)."""
+    def call():
+        pipeline(PROMPT, height=plan.size, width=plan.size, num_inference_steps=plan.overhead_steps,
+                 generator=torch.Generator().manual_seed(0))
+        torch.cuda.synchronize()
+
+    results = {}
+    for name in ("eager", "compiled"):
+        if name == "compiled":
+            pipeline.unet = torch.compile(pipeline.unet)
+        call()  # warm-up; compiles on the first call
+        timings = []
+        for _ in range(3):
+            started = time.perf_counter()
+            call()
+            timings.append(time.perf_counter() - started)
+        results[f"latency_50_steps_s_bare_{name}"] = statistics.median(timings)
+    return results
+
+
+def peak_rss(server: TorchServe, models: list[str]) -> dict:
+    """Peak resident memory (VmHWM) of each model's worker processes."""
+    results = {}
+    for model in models:
+        peaks = []
+        for worker in server.describe(model)["workers"]:
+            status = Path(f"/proc/{worker['pid']}/status")
+            if status.exists():
+                line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM"))
+                peaks.append(int(line.split()[1]) * 1024)
+        results[f"peak_rss_bytes_{model}"] = max(peaks) if peaks else None
+    return results
+
+
+# ---------------------------------------------------------------- report
+
+
+def ratios(results: dict) -> dict:
+    def ratio(numerator, denominator):
+        top, bottom = results.get(numerator), results.get(denominator)
+        return top / bottom if top is not None and bottom else None
+
+    derived = {
+        "png_body_vs_baseline": ratio("body_bytes_png", "body_bytes_baseline"),
+        "jpeg_body_vs_baseline": ratio("body_bytes_jpeg", "body_bytes_baseline"),
+        "compat_body_vs_baseline": ratio("body_bytes_numpy", "body_bytes_baseline"),
+        "encode_speedup_vs_baseline": ratio("encode_s_baseline", "encode_s_png"),
+        "compat_encode_speedup_vs_baseline": ratio("encode_s_baseline", "encode_s_numpy"),
+        "overhead_vs_bare": (ratio("latency_50_steps_s_served", "latency_50_steps_s_bare") or 1.0) - 1.0,
+        "throughput_c8_vs_baseline": ratio("throughput_rps_ours_b4_c8", "throughput_rps_baseline_b1_c8"),
+        "throughput_c8_b1_vs_baseline": ratio("throughput_rps_ours_b1_c8", "throughput_rps_baseline_b1_c8"),
+        "scale_up_vs_baseline": ratio("scale_up_s_ours_zip", "scale_up_s_baseline"),
+        "cold_start_zip_vs_baseline": ratio("cold_start_s_ours_zip", "cold_start_s_baseline"),
+        "cold_start_noarchive_vs_baseline": ratio("cold_start_s_ours_noarchive", "cold_start_s_baseline"),
+        "peak_rss_vs_baseline": ratio("peak_rss_bytes_ours_b1", "peak_rss_bytes_baseline_b1"),
+        "compiled_vs_eager": ratio("latency_50_steps_s_bare_compiled", "latency_50_steps_s_bare_eager"),
+    }
+    for batch_size in (1, 4):
+        for concurrency in (1, 4, 8):
+            suffix = f"b{batch_size}_c{concurrency}"
+            derived[f"p50_{suffix}_vs_baseline"] = ratio(f"p50_s_ours_{suffix}", f"p50_s_baseline_{suffix}")
+            derived[f"throughput_{suffix}_vs_baseline"] = ratio(f"throughput_rps_ours_{suffix}", f"throughput_rps_baseline_{suffix}")
+    return derived
+
+
+def verdicts(derived: dict) -> dict:
+    out = {}
+    for name, (direction, bound) in TARGETS.items():
+        value = derived.get(name)
+        if value is None:
+            out[name] = "not measured"
+        else:
+            met = value <= bound if direction == "<=" else value >= bound
+            out[name] = f"{'met' if met else 'MISSED'} ({value:.3g} {direction} {bound})"
+    return out
+
+
+def markdown(results: dict, derived: dict, plan: Plan, machine: str) -> str:
+    def fmt(value, unit=""):
+        if value is None:
+            return "-"
+        if unit == "MB":
+            return f"{value / 1e6:.2f} MB"
+        if unit == "ms":
+            return f"{value * 1000:.1f} ms"
+        if unit == "s":
+            return f"{value:.2f} s"
+        return f"{value:.3g}"
+
+    side = results["encode_side"]
+    lines = [
+        f"Machine: {machine}. Model: tiny SD-shaped pipeline (random weights, 8x VAE). "
+        f"Load runs: {plan.size}x{plan.size}, {plan.load_steps} steps, {plan.requests_per_level}+ requests per level.",
+        "",
+        f"| per {side}x{side} image (encode only) | body | encode time | body ours/baseline | encode speedup vs baseline |",
+        "|---|---|---|---|---|",
+        f"| baseline (`tolist()`, indent=2) | {fmt(results['body_bytes_baseline'], 'MB')} | {fmt(results['encode_s_baseline'], 'ms')} | 1 | 1 |",
+    ]
+    for name in ("numpy", "png", "jpeg"):
+        lines.append(
+            f"| ours {name} | {fmt(results[f'body_bytes_{name}'], 'MB')} | {fmt(results[f'encode_s_{name}'], 'ms')} | "
+            f"{fmt(results[f'body_bytes_{name}'] / results['body_bytes_baseline'])} | "
+            f"{fmt(results['encode_s_baseline'] / results[f'encode_s_{name}'])} |"
+        )
+    lines += [
+        "",
+        f"| end to end, {plan.size}x{plan.size} | body | ours/baseline |",
+        "|---|---|---|",
+        f"| baseline | {fmt(results['e2e_body_bytes_baseline'], 'MB')} | 1 |",
+    ]
+    for name in ("numpy", "png", "jpeg"):
+        lines.append(f"| ours {name} | {fmt(results[f'e2e_body_bytes_{name}'], 'MB')} | "
+                     f"{fmt(results[f'e2e_body_bytes_{name}'] / results['e2e_body_bytes_baseline'])} |")
+    lines += [
+        "",
+        "| batchSize | concurrency | p50 ours / baseline | p95 ours / baseline | req/s ours / baseline | p50 ratio | req/s ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for batch_size in (1, 4):
+        for concurrency in (1, 4, 8):
+            s = f"b{batch_size}_c{concurrency}"
+            lines.append(
+                f"| {batch_size} | {concurrency} | {fmt(results[f'p50_s_ours_{s}'], 's')} / {fmt(results[f'p50_s_baseline_{s}'], 's')} | "
+                f"{fmt(results[f'p95_s_ours_{s}'], 's')} / {fmt(results[f'p95_s_baseline_{s}'], 's')} | "
+                f"{fmt(results[f'throughput_rps_ours_{s}'])} / {fmt(results[f'throughput_rps_baseline_{s}'])} | "
+                f"{fmt(derived[f'p50_{s}_vs_baseline'])} | {fmt(derived[f'throughput_{s}_vs_baseline'])} |"
+            )
+    lines += [
+        "",
+        "| serving overhead, 50 steps | latency | ours/bare |",
+        "|---|---|---|",
+        f"| bare pipeline call | {fmt(results['latency_50_steps_s_bare'], 's')} | 1 |",
+        f"| ours, end to end (png) | {fmt(results['latency_50_steps_s_served'], 's')} | "
+        f"{fmt(1 + derived['overhead_vs_bare'])} |",
+        "",
+        "| cold start | start to READY | scale 1 to 2 workers | start ours/baseline | scale ours/baseline |",
+        "|---|---|---|---|---|",
+    ]
+    for label in ("baseline", "ours_zip", "ours_noarchive"):
+        lines.append(
+            f"| {label} | {fmt(results[f'cold_start_s_{label}'], 's')} | {fmt(results[f'scale_up_s_{label}'], 's')} | "
+            f"{fmt(results[f'cold_start_s_{label}'] / results['cold_start_s_baseline'])} | "
+            f"{fmt(results[f'scale_up_s_{label}'] / results['scale_up_s_baseline'])} |"
+        )
+    lines += ["", "| peak RSS per worker | bytes | ours/baseline |", "|---|---|---|"]
+    for model in ("baseline_b1", "ours_b1", "ours_b4"):
+        value = results.get(f"peak_rss_bytes_{model}")
+        base = results.get("peak_rss_bytes_baseline_b1")
+        lines.append(f"| {model} | {fmt(value, 'MB')} | {fmt(value / base if value and base else None)} |")
+    if "latency_50_steps_s_bare_compiled" in results:
+        lines += [
+            "",
+            "| bare pipeline, 50 steps | latency | compiled/eager |",
+            "|---|---|---|",
+            f"| eager UNet | {fmt(results['latency_50_steps_s_bare_eager'], 's')} | 1 |",
+            f"| torch.compile UNet | {fmt(results['latency_50_steps_s_bare_compiled'], 's')} | "
+            f"{fmt(derived['compiled_vs_eager'])} |",
+        ]
+    lines += ["", "| target | result |", "|---|---|"]
+    lines += [f"| {name} | {verdict} |" for name, verdict in verdicts(derived).items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (bodies, throughput) = plt.subplots(1, 2, figsize=(11, 4))
+    names = ["baseline", "numpy", "png", "jpeg"]
+    bodies.bar(names, [results[f"body_bytes_{name}"] / 1e6 for name in names], color=["grey", "C0", "C1", "C2"])
+    bodies.set_ylabel("MB per image")
+    bodies.set_title(f"Response body, {results['encode_side']}x{results['encode_side']}")
+    levels = [1, 4, 8]
+    for offset, (kind, batch_size) in enumerate((("baseline", 1), ("baseline", 4), ("ours", 1), ("ours", 4))):
+        values = [results[f"throughput_rps_{kind}_b{batch_size}_c{level}"] for level in levels]
+        throughput.bar(np.arange(3) + offset * 0.2, values, width=0.2, label=f"{kind} batchSize {batch_size}")
+    throughput.set_xticks(np.arange(3) + 0.3, [f"concurrency {level}" for level in levels])
+    throughput.set_ylabel("requests / s")
+    throughput.set_title("Throughput")
+    throughput.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def machine_description(plan: Plan) -> str:
+    import os
+    import platform
+
+    if plan.dtype == "float16" and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+# ---------------------------------------------------------------- main
+
+
+def build_model(workdir: Path, gpu: bool) -> Path:
+    pipeline_dir = workdir / "pipeline"
+    if gpu:
+        from archiver.sd15 import build_sd15_random_pipeline
+
+        build_sd15_random_pipeline(workdir).save_pretrained(pipeline_dir, safe_serialization=True)
+    else:
+        build_tiny_pipeline(workdir).save_pretrained(pipeline_dir, safe_serialization=True)
+    return pipeline_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="small images and few requests: under 3 minutes on 2 CPU cores")
+    mode.add_argument("--gpu", action="store_true", help="CUDA: SD 1.5 architecture, fp16, 512x512, 50 steps")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-results", help="results folder (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.gpu and not torch.cuda.is_available():
+        parser.error("--gpu needs a CUDA device")
+    plan = GPU if args.gpu else QUICK if args.quick else FULL
+    started = time.perf_counter()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+    try:
+        log(f"building the model and archives in {workdir}")
+        pipeline_dir = build_model(workdir, args.gpu)
+        store = build_archives(workdir, pipeline_dir, plan)
+        device = torch.device("cuda:0" if args.gpu else "cpu")
+        pipeline = load_pipeline(pipeline_dir, device, getattr(torch, plan.dtype))
+
+        log("encoding micro-benchmark")
+        results = measure_encoding(pipeline, plan)
+        log("cold starts")
+        results |= measure_cold_start(workdir, store)
+
+        models = {name: f"{name}.mar" for name in ("ours_b1", "ours_b4", "baseline_b1", "baseline_b4")}
+        server, _ = start_server(workdir, store, models, "load")
+        try:
+            log("end-to-end bodies")
+            results |= measure_end_to_end_bodies(server, plan)
+            log("serving overhead at 50 steps")
+            results |= measure_overhead(server, pipeline, plan)
+            log("latency and throughput")
+            results |= measure_load(server, plan)
+            results |= peak_rss(server, list(models))
+        finally:
+            server.stop()
+        if args.gpu:
+            log("torch.compile, bare pipeline")
+            results |= measure_compile(pipeline, plan)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    derived = ratios(results)
+    machine = machine_description(plan)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = markdown(results, derived, plan, machine)
+    (args.out / "results.md").write_text(report)
+    (args.out / "results.json").write_text(json.dumps(
+        {"machine": machine, "plan": plan.__dict__, "results": results, "ratios": derived, "targets": verdicts(derived)},
+        indent=2))
+    with open(args.out / "results.csv", "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["metric", "value"])
+        writer.writerows(sorted({**results, **derived}.items()))
+    plot(results, args.out / "results.png")
+    print(report)
+    log(f"done in {time.perf_counter() - started:.0f} s; results in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
