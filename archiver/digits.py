@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from tqdm import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
-from archiver.tiny import write_tokenizer_files
+from archiver.tiny import assemble_sd_pipeline, clip_text_encoder, write_tokenizer_files
 
 IMAGE_SIZE = 64  # the request API's smallest size; the VAE's 8x downsampling gives the digits' own 8x8
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -103,18 +103,13 @@ def build_components(tokenizer: CLIPTokenizer) -> tuple[AutoencoderKL, UNet2DCon
         attention_head_dim=8,
         norm_num_groups=16,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=MAX_PROMPT_TOKENS,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    text_encoder = clip_text_encoder(
+        tokenizer,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_PROMPT_TOKENS,
     )
     return vae, unet, text_encoder
 
@@ -187,15 +182,8 @@ def train_digits_pipeline(workdir: Path, plan: TrainingPlan) -> StableDiffusionP
 
     train_denoiser(unet, text_encoder, tokenizer, latents, labels, plan)
     scheduler = DDIMScheduler(**TRAIN_SCHEDULER, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(
-        unet=unet.eval(),
-        vae=vae,
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    return assemble_sd_pipeline(
+        unet=unet.eval(), vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, scheduler=scheduler
     )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from archiver.tiny import build_tokenizer
+from archiver.tiny import assemble_sd_pipeline, build_tokenizer
 
 CLIP_VOCAB_SIZE = 49408  # SD 1.5's text encoder embedding size; our offline tokenizer uses its first ids
 
@@ -52,10 +52,4 @@ def sd15_components() -> dict:
 
 
 def build_sd15_random_pipeline(workdir: Path) -> StableDiffusionPipeline:
-    return StableDiffusionPipeline(
-        **sd15_components(),
-        tokenizer=build_tokenizer(workdir / "tokenizer-src"),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return assemble_sd_pipeline(**sd15_components(), tokenizer=build_tokenizer(workdir / "tokenizer-src"))

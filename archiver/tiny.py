@@ -45,6 +45,26 @@ def build_tokenizer(directory: Path) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(directory, model_max_length=77)
 
 
+def clip_text_encoder(tokenizer: CLIPTokenizer, **sizes) -> CLIPTextModel:
+    """A randomly initialised CLIP text encoder whose special tokens match the tokenizer's."""
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **sizes,
+        )
+    )
+
+
+def assemble_sd_pipeline(**components) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline from its five components, without a safety checker."""
+    return StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+
+
 def build_tiny_pipeline(workdir: Path, seed: int = 0) -> StableDiffusionPipeline:
     """A seeded, randomly initialised SD pipeline of a few MB."""
     torch.manual_seed(seed)
@@ -69,29 +89,10 @@ def build_tiny_pipeline(workdir: Path, seed: int = 0) -> StableDiffusionPipeline
         mid_block_add_attention=False,
         sample_size=256,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=5,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    text_encoder = clip_text_encoder(
+        tokenizer, hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4, max_position_embeddings=77
     )
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
     )
-    return StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return assemble_sd_pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)

@@ -66,6 +66,18 @@ FULL = Plan(size=128, load_steps=20, overhead_steps=50, requests_per_level=24, e
 GPU = Plan(size=512, load_steps=50, overhead_steps=50, requests_per_level=16, encode_repeats=5, dtype="float16")
 
 
+def median_seconds(call, repeats: int, warm_up: bool = True) -> float:
+    """Median wall time of call(); the warm-up run absorbs first-call costs (compilation, caches)."""
+    if warm_up:
+        call()
+    timings = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings)
+
+
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -137,13 +149,8 @@ def measure_encoding(pipeline, plan: Plan) -> dict:
 
     results = {"encode_side": side}
     for name, encode in (("baseline", baseline_encode), ("numpy", ours("numpy")), ("png", ours("png")), ("jpeg", ours("jpeg"))):
-        timings = []
-        for _ in range(plan.encode_repeats):
-            started = time.perf_counter()
-            body = encode()
-            timings.append(time.perf_counter() - started)
-        results[f"encode_s_{name}"] = statistics.median(timings)
-        results[f"body_bytes_{name}"] = len(body)
+        results[f"encode_s_{name}"] = median_seconds(encode, plan.encode_repeats, warm_up=False)
+        results[f"body_bytes_{name}"] = len(encode())
     return results
 
 
@@ -248,16 +255,7 @@ def measure_overhead(server: TorchServe, pipeline, plan: Plan) -> dict:
         response = server.predict("ours_b1", json={**ours_body(plan, plan.overhead_steps, "png"), "seed": 0})
         response.raise_for_status()
 
-    results = {}
-    for name, call in (("bare", bare), ("served", served)):
-        call()  # warm-up
-        timings = []
-        for _ in range(7):
-            started = time.perf_counter()
-            call()
-            timings.append(time.perf_counter() - started)
-        results[f"latency_50_steps_s_{name}"] = statistics.median(timings)
-    return results
+    return {f"latency_50_steps_s_{name}": median_seconds(call, 7) for name, call in (("bare", bare), ("served", served))}
 
 
 def measure_compile(pipeline, plan: Plan) -> dict:
@@ -267,17 +265,9 @@ def measure_compile(pipeline, plan: Plan) -> dict:
                  generator=torch.Generator().manual_seed(0))
         torch.cuda.synchronize()
 
-    results = {}
-    for name in ("eager", "compiled"):
-        if name == "compiled":
-            pipeline.unet = torch.compile(pipeline.unet)
-        call()  # warm-up; compiles on the first call
-        timings = []
-        for _ in range(3):
-            started = time.perf_counter()
-            call()
-            timings.append(time.perf_counter() - started)
-        results[f"latency_50_steps_s_bare_{name}"] = statistics.median(timings)
+    results = {"latency_50_steps_s_bare_eager": median_seconds(call, 3)}
+    pipeline.unet = torch.compile(pipeline.unet)
+    results["latency_50_steps_s_bare_compiled"] = median_seconds(call, 3)  # its warm-up compiles
     return results
 
 
