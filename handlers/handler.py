@@ -24,6 +24,7 @@ class DiffusersHandler(BaseHandler):
     def initialize(self, context):
         properties = context.system_properties
         self.config = load_handler_config(context.model_yaml_config)
+        self.defaults, self.limits = self.config.generation_defaults, self.config.limits
         self.device = select_device(properties.get("gpu_id"))
         unpack_dir = Path(self.config.unpack_dir) if self.config.unpack_dir else None
         pipeline_dir = locate_pipeline(Path(properties["model_dir"]), unpack_dir)
@@ -48,8 +49,8 @@ class DiffusersHandler(BaseHandler):
                 requests.append(
                     parse_request(
                         row,
-                        self.config.generation_defaults,
-                        self.config.limits,
+                        self.defaults,
+                        self.limits,
                         body_type=(self._header(index, "body") or {}).get("content-type"),
                         accept=self._header(index, "Accept"),
                     )
