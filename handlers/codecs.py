@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 from PIL.Image import Image
 
-from handlers.pipelines import GenerationResult
 from handlers.request import GenerationRequest
 
 JSON = "application/json"
@@ -67,18 +66,18 @@ def compact_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def json_document(request: GenerationRequest, result: GenerationResult, image_format: str) -> dict:
+def json_document(request: GenerationRequest, images: list[Image], image_format: str) -> dict:
     """Base64 images with the seeds and parameters that made them."""
     parameters = request.model_dump(exclude={"output_format", "quality"})
     return {
-        "images": [base64.b64encode(encode_image(image, image_format, request.quality)).decode() for image in result.images],
+        "images": [base64.b64encode(encode_image(image, image_format, request.quality)).decode() for image in images],
         "content_type": IMAGE_TYPES[image_format],
-        "seeds": result.seeds,
+        "seeds": request.image_seeds,
         "parameters": parameters,
     }
 
 
-def encode_response(request: GenerationRequest, result: GenerationResult, enveloped: bool = False) -> tuple[Any, str]:
+def encode_response(request: GenerationRequest, images: list[Image], enveloped: bool = False) -> tuple[Any, str]:
     """The body and its Content-Type.
 
     One image in png/jpeg/webp is sent as raw bytes; several are sent as the json document in that
@@ -87,8 +86,8 @@ def encode_response(request: GenerationRequest, result: GenerationResult, envelo
     """
     output_format = request.output_format
     if output_format == "numpy":
-        return (numpy_list(result.images) if enveloped else encode_numpy_json(result.images)), JSON
-    if output_format in IMAGE_TYPES and len(result.images) == 1 and not enveloped:
-        return encode_image(result.images[0], output_format, request.quality), IMAGE_TYPES[output_format]
-    document = json_document(request, result, "png" if output_format == "json" else output_format)
+        return (numpy_list(images) if enveloped else encode_numpy_json(images)), JSON
+    if output_format in IMAGE_TYPES and len(images) == 1 and not enveloped:
+        return encode_image(images[0], output_format, request.quality), IMAGE_TYPES[output_format]
+    document = json_document(request, images, "png" if output_format == "json" else output_format)
     return (document if enveloped else compact_json(document)), JSON

@@ -68,8 +68,8 @@ class DiffusersHandler(BaseHandler):
             if isinstance(request, RequestError):
                 outcomes.append(request)
                 continue
-            result = next(generated)
-            outcomes.append(result if isinstance(result, RequestError) else (request, result))
+            images = next(generated)
+            outcomes.append(images if isinstance(images, RequestError) else (request, images))
         return outcomes
 
     def postprocess(self, data):
@@ -82,8 +82,8 @@ class DiffusersHandler(BaseHandler):
                 self.context.set_response_content_type(index, JSON)
                 responses.append(outcome.to_json())
                 continue
-            request, result = outcome
-            body, content_type = encode_response(request, result)
+            request, images = outcome
+            body, content_type = encode_response(request, images)
             self.context.set_response_content_type(index, content_type)
             self.context.set_response_header(index, "X-Seed", str(request.seed))
             responses.append(body)

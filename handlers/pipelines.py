@@ -1,7 +1,6 @@
 """Load a diffusers pipeline and run batches of generation requests on it."""
 
 import logging
-from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
 
@@ -16,12 +15,6 @@ from handlers.schedulers import SchedulerCache
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class GenerationResult:
-    images: list[Image]
-    seeds: list[int]
 
 
 def select_device(gpu_id: int | None) -> torch.device:
@@ -72,9 +65,9 @@ class ImageGenerator:
         self.schedulers = SchedulerCache(pipeline)
         self.combine_requests = combine_requests
 
-    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult | RequestError]:
-        """Each request's result (or error), in request order."""
-        results: list[GenerationResult | RequestError | None] = [None] * len(requests)
+    def generate(self, requests: list[GenerationRequest]) -> list[list[Image] | RequestError]:
+        """Each request's images (or error), in request order; image i was seeded with request.image_seeds[i]."""
+        results: list[list[Image] | RequestError | None] = [None] * len(requests)
         for indices in self.groups(requests):
             group = [requests[index] for index in indices]
             outcome = self.run_group(group)
@@ -84,7 +77,7 @@ class ImageGenerator:
                 continue
             images = iter(outcome)
             for index, request in zip(indices, group):
-                results[index] = GenerationResult([next(images) for _ in range(request.image_count)], request.image_seeds)
+                results[index] = [next(images) for _ in range(request.image_count)]
         return results
 
     def groups(self, requests: list[GenerationRequest]) -> list[list[int]]:

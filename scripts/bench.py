@@ -36,7 +36,7 @@ from archiver.build import REPO_ROOT, ServingConfig, build_archive  # noqa: E402
 from archiver.server import TorchServe  # noqa: E402
 from archiver.tiny import build_tiny_pipeline  # noqa: E402
 from handlers.codecs import encode_response  # noqa: E402
-from handlers.pipelines import GenerationResult, load_pipeline  # noqa: E402
+from handlers.pipelines import load_pipeline  # noqa: E402
 from handlers.request import GenerationRequest  # noqa: E402
 
 BASELINE_HANDLER = REPO_ROOT / "scripts" / "baseline" / "baseline_handler.py"
@@ -143,7 +143,7 @@ def measure_encoding(pipeline, plan: Plan) -> dict:
     def ours(output_format):
         request = GenerationRequest(prompt=PROMPT, height=side, width=side, seed=0, output_format=output_format)
         def encode():
-            body, _ = encode_response(request, GenerationResult([image], [0]))
+            body, _ = encode_response(request, [image])
             return body.encode() if isinstance(body, str) else body
         return encode
 
