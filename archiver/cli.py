@@ -1,6 +1,7 @@
 """`python -m archiver build`: pack a diffusers pipeline into a TorchServe model archive."""
 
 import argparse
+from typing import get_args
 from pathlib import Path
 
 from archiver.build import REPO_ROOT, ServingConfig, build_archive
@@ -13,7 +14,7 @@ from archiver.sources import (
     pickle_only_components,
     resolve_source,
 )
-from handlers.config import GenerationDefaults
+from handlers.config import Batching, GenerationDefaults, OutputFormat, TorchDtype
 from handlers.schedulers import SCHEDULERS
 
 
@@ -52,11 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     handler.add_argument("--height", type=int)
     handler.add_argument("--width", type=int)
     handler.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="default sampler (default: the pipeline's own)")
-    handler.add_argument("--output-format", choices=("numpy", "png", "jpeg", "webp", "json"))
-    handler.add_argument("--torch-dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
+    handler.add_argument("--output-format", choices=get_args(OutputFormat))
+    handler.add_argument("--torch-dtype", choices=get_args(TorchDtype), default="auto")
     handler.add_argument(
         "--batching",
-        choices=("auto", "combined", "per_request"),
+        choices=get_args(Batching),
         default="auto",
         help="combined: compatible requests share a pipeline call; per_request: pixels never depend on "
         "batch neighbours; auto: combined on CUDA, per_request on CPU (default: %(default)s)",

@@ -8,6 +8,8 @@ from handlers.schedulers import SCHEDULERS
 
 SchedulerName = Literal[tuple(SCHEDULERS)]
 OutputFormat = Literal["numpy", "png", "jpeg", "webp", "json"]
+TorchDtype = Literal["auto", "float32", "float16", "bfloat16"]
+Batching = Literal["auto", "combined", "per_request"]
 
 
 class GenerationDefaults(BaseModel):
@@ -39,10 +41,10 @@ class Limits(BaseModel):
 class HandlerConfig(GenerationDefaults, Limits):
     """Everything the `handler:` section of model-config.yaml may set."""
 
-    torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+    torch_dtype: TorchDtype = Field(
         "auto", description="auto is float16 on CUDA and float32 on CPU"
     )
-    batching: Literal["auto", "combined", "per_request"] = Field(
+    batching: Batching = Field(
         "auto",
         description="combined: compatible requests share one pipeline call (faster); per_request: one call "
         "each, so pixels never depend on batch neighbours; auto: combined on CUDA, per_request on CPU",
