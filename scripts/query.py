@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     paths = save_response(response, args.out)
     seed = int(response.headers["X-Seed"])
-    seeds = ", ".join(str(seed + offset) for offset in range(len(paths)))
+    # The server seeds image i with seed + i, wrapping at 2^32 (GenerationRequest.image_seeds).
+    seeds = ", ".join(str((seed + offset) % 2**32) for offset in range(len(paths)))
     print(f"saved {', '.join(map(str, paths))} (seeds {seeds})")
     return 0
 
