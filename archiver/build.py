@@ -52,11 +52,18 @@ def build_archive(
     archive_format: str = "default",
     version: str = "1.0",
     allow_pickle_weights: bool = False,
+    extras: dict[str, Path] | None = None,
 ) -> Path:
-    """Pack pipeline_dir and our handler into export_path; return the .mar file or directory."""
+    """Pack pipeline_dir and our handler into export_path; return the .mar file or directory.
+
+    extras are more directories (refiner, ControlNets, LoRAs), staged at the given relative paths.
+    """
     staged_pipeline = workdir / "stage-pipeline"
     staged_code = workdir / "stage-code"
     copy_pipeline(pipeline_dir, staged_pipeline, allow_pickle_weights)
+    for relative, source in (extras or {}).items():
+        print(f"adding {relative}/")
+        copy_pipeline(source, staged_pipeline / relative, allow_pickle_weights)
     copy_handler_package(staged_code / HANDLER_PACKAGE.name)
     config_file = workdir / "model-config.yaml"
     config_file.write_text(serving.to_yaml(), encoding="utf-8")

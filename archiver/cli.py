@@ -1,20 +1,26 @@
 """`python -m archiver build`: pack a diffusers pipeline into a TorchServe model archive."""
 
 import argparse
-from typing import get_args
 from pathlib import Path
+from typing import get_args
+
+import yaml
 
 from archiver.build import REPO_ROOT, ServingConfig, build_archive
 from archiver.sources import (
     BUILT_IN,
     RECOMMENDED_DEFAULTS,
     SHIPPED,
+    TINY_ADAPTER,
     SourceError,
     new_workdir,
     pickle_only_components,
+    resolve_controlnet,
+    resolve_lora,
+    resolve_refiner,
     resolve_source,
 )
-from handlers.config import Batching, GenerationDefaults, OutputFormat, TorchDtype
+from handlers.config import Batching, GenerationDefaults, HandlerConfig, OutputFormat, TorchDtype
 from handlers.schedulers import SCHEDULERS
 
 
@@ -63,6 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
         "batch neighbours; auto: combined on CUDA, per_request on CPU (default: %(default)s)",
     )
     handler.add_argument(
+        "--set",
+        dest="handler_options",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="any other handler option, VALUE read as YAML: --set attention_slicing=auto --set vae_tiling=true "
+        "(see README, Memory and speed options)",
+    )
+
+    adapters = build.add_argument_group(
+        "adapters packed into the archive",
+        f"SOURCE is a local directory, or `{TINY_ADAPTER}` for a random one that fits a built-in tiny pipeline.",
+    )
+    adapters.add_argument("--refiner", metavar="SOURCE", help="an SDXL refiner (directory, hub id or tiny)")
+    adapters.add_argument("--controlnet", metavar="NAME=SOURCE", action="append", default=[],
+                          help="a ControlNet requests choose by NAME, e.g. canny=./controlnet-canny")
+    adapters.add_argument("--lora", metavar="NAME=SOURCE", action="append", default=[],
+                          help="a LoRA adapter (directory or .safetensors file) requests choose by NAME")
+    handler.add_argument(
         "--allow-unsafe-weights",
         action="store_true",
         help="pack and load pickle (.bin/.ckpt) weights; pickle can run arbitrary code when loaded",
@@ -81,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     handler_section = {**defaults.model_dump(exclude_none=True), "torch_dtype": args.torch_dtype, "batching": args.batching}
     if args.allow_unsafe_weights:
         handler_section["allow_pickle_weights"] = True
+    try:
+        handler_section.update(parse_assignments(args.handler_options, "--set"))
+        controlnet_sources = parse_assignments(args.controlnet, "--controlnet", as_yaml=False)
+        lora_sources = parse_assignments(args.lora, "--lora", as_yaml=False)
+        HandlerConfig(**handler_section)
+    except ValueError as error:  # pydantic's ValidationError is one
+        print(f"error: {error}")
+        return 2
     serving = ServingConfig(
         min_workers=args.min_workers,
         max_workers=args.max_workers,
@@ -94,6 +127,17 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(workdir_name)
         try:
             pipeline_dir = resolve_source(args.source, workdir, args.allow_unsafe_weights, args.revision)
+            extras = {}
+            if args.refiner:
+                extras["refiner"] = resolve_refiner(args.refiner, pipeline_dir, workdir)
+                handler_section["refiner"] = "refiner"
+            for kind, sources, resolve in (
+                ("controlnets", controlnet_sources, resolve_controlnet),
+                ("loras", lora_sources, resolve_lora),
+            ):
+                for name, source in sources.items():
+                    extras[f"{kind}/{name}"] = resolve(source, pipeline_dir, workdir, name)
+                    handler_section.setdefault(kind, {})[name] = f"{kind}/{name}"
             unsafe = pickle_only_components(pipeline_dir)
             if unsafe and not args.allow_unsafe_weights:
                 raise SourceError(
@@ -113,5 +157,16 @@ def main(argv: list[str] | None = None) -> int:
             archive_format=args.archive_format,
             version=args.version,
             allow_pickle_weights=args.allow_unsafe_weights,
+            extras=extras,
         )
     return 0
+
+
+def parse_assignments(assignments: list[str], option: str, as_yaml: bool = True) -> dict:
+    parsed = {}
+    for assignment in assignments:
+        key, separator, value = assignment.partition("=")
+        if not separator or not key:
+            raise ValueError(f"{option} takes KEY=VALUE, got {assignment!r}")
+        parsed[key] = yaml.safe_load(value) if as_yaml else value
+    return parsed

@@ -1,13 +1,25 @@
 """Turn a --source argument into a local diffusers pipeline directory."""
 
 import tempfile
+import zlib
 from pathlib import Path
 
+from diffusers import DiffusionPipeline, UNet2DConditionModel
+
 from archiver.digits import DEFAULT_WEIGHTS_DIR as DIGITS_WEIGHTS_DIR
-from archiver.tiny import build_tiny_pipeline
+from archiver.tiny import (
+    build_tiny_controlnet,
+    build_tiny_flux,
+    build_tiny_pipeline,
+    build_tiny_sdxl,
+    build_tiny_sdxl_refiner,
+    write_tiny_lora,
+)
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-BUILT_IN = {"tiny": build_tiny_pipeline}  # built from code, random weights
+# Built from code, random weights: one per pipeline family.
+BUILT_IN = {"tiny": build_tiny_pipeline, "tiny-sdxl": build_tiny_sdxl, "tiny-flux": build_tiny_flux}
+TINY_ADAPTER = "tiny"  # as an adapter source: a random adapter that fits the pipeline being packed
 SHIPPED = {"digits": DIGITS_WEIGHTS_DIR}  # trained weights committed to the repository
 # Generation defaults that suit a shipped model, used where the build command sets none.
 RECOMMENDED_DEFAULTS = {
@@ -37,6 +49,54 @@ def resolve_source(source: str, workdir: Path, allow_pickle_weights: bool = Fals
     if local.exists() or source.startswith((".", "/", "~")):
         raise SourceError(f"{source} is not a directory")
     return download_from_hub(source, workdir, allow_pickle_weights, revision)
+
+
+def resolve_refiner(source: str, pipeline_dir: Path, workdir: Path) -> Path:
+    """A refiner directory; `tiny` builds one that fits a tiny SDXL base."""
+    if source != TINY_ADAPTER:
+        return resolve_source(source, workdir / "refiner-source")
+    base = DiffusionPipeline.from_pretrained(pipeline_dir, use_safetensors=True)
+    if getattr(base, "text_encoder_2", None) is None:
+        raise SourceError("a refiner needs an SDXL base pipeline (one with text_encoder_2)")
+    target = workdir / "refiner"
+    build_tiny_sdxl_refiner(base).save_pretrained(target, safe_serialization=True)
+    return target
+
+
+def resolve_controlnet(source: str, pipeline_dir: Path, workdir: Path, name: str) -> Path:
+    """A ControlNet directory (with config.json); `tiny` builds one from the pipeline's own UNet."""
+    if source == TINY_ADAPTER:
+        target = workdir / "controlnets" / name
+        controlnet = build_tiny_controlnet(_unet(pipeline_dir), seed=zlib.crc32(name.encode()))
+        controlnet.save_pretrained(target, safe_serialization=True)
+        return target
+    local = Path(source).expanduser()
+    if not (local / "config.json").is_file():
+        raise SourceError(f"ControlNet {name!r}: {source} is not a directory with a config.json")
+    return local
+
+
+def resolve_lora(source: str, pipeline_dir: Path, workdir: Path, name: str) -> Path:
+    """A LoRA directory holding safetensors weights; `tiny` writes a random one for the pipeline's UNet."""
+    if source == TINY_ADAPTER:
+        # Seeded by name, so differently named tiny adapters differ.
+        return write_tiny_lora(_unet(pipeline_dir), workdir / "loras" / name, seed=zlib.crc32(name.encode()))
+    local = Path(source).expanduser()
+    weights = [local] if local.is_file() else list(local.glob("*.safetensors")) if local.is_dir() else []
+    if not weights or any(path.suffix != ".safetensors" for path in weights):
+        raise SourceError(f"LoRA {name!r}: {source} is neither a .safetensors file nor a directory holding one")
+    if local.is_file():
+        target = workdir / "loras" / name
+        target.mkdir(parents=True, exist_ok=True)
+        (target / local.name).write_bytes(local.read_bytes())
+        return target
+    return local
+
+
+def _unet(pipeline_dir: Path) -> UNet2DConditionModel:
+    if not (pipeline_dir / "unet").is_dir():
+        raise SourceError("tiny ControlNets and LoRAs are built for UNet pipelines; this one has no unet/")
+    return UNet2DConditionModel.from_pretrained(pipeline_dir / "unet", use_safetensors=True)
 
 
 def download_from_hub(repo_id: str, workdir: Path, allow_pickle_weights: bool, revision: str | None) -> Path:

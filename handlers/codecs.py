@@ -8,9 +8,11 @@ from typing import Any
 import numpy as np
 from PIL.Image import Image
 
+from handlers.images import IMAGE_FIELDS
 from handlers.request import GenerationRequest
 
 JSON = "application/json"
+NDJSON = "application/x-ndjson"
 PADDED_VALUES = np.array([f"{value:>3}".encode() for value in range(256)], dtype="S3")
 IMAGE_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -68,7 +70,7 @@ def compact_json(value: Any) -> str:
 
 def json_document(request: GenerationRequest, images: list[Image], image_format: str) -> dict:
     """Base64 images with the seeds and parameters that made them."""
-    parameters = request.model_dump(exclude={"output_format", "quality"})
+    parameters = request.model_dump(exclude={"output_format", "quality", "stream", *IMAGE_FIELDS})
     return {
         "images": [base64.b64encode(encode_image(image, image_format, request.quality)).decode() for image in images],
         "content_type": IMAGE_TYPES[image_format],
@@ -91,3 +93,13 @@ def encode_response(request: GenerationRequest, images: list[Image], enveloped: 
         return encode_image(images[0], output_format, request.quality), IMAGE_TYPES[output_format]
     document = json_document(request, images, "png" if output_format == "json" else output_format)
     return (document if enveloped else compact_json(document)), JSON
+
+
+def progress_line(step: int, total: int, elapsed: float) -> str:
+    return compact_json({"step": step, "total": total, "elapsed": round(elapsed, 3)}) + "\n"
+
+
+def stream_result(request: GenerationRequest, images: list[Image]) -> tuple[str, str]:
+    """The last line of a stream: the json document, its images in png unless jpeg or webp was asked for."""
+    image_format = request.output_format if request.output_format in IMAGE_TYPES else "png"
+    return compact_json(json_document(request, images, image_format)) + "\n", NDJSON

@@ -10,6 +10,8 @@ SchedulerName = Literal[tuple(SCHEDULERS)]
 OutputFormat = Literal["numpy", "png", "jpeg", "webp", "json"]
 TorchDtype = Literal["auto", "float32", "float16", "bfloat16"]
 Batching = Literal["auto", "combined", "per_request"]
+CpuOffload = Literal["none", "model", "sequential"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
 
 
 class GenerationDefaults(BaseModel):
@@ -26,6 +28,14 @@ class GenerationDefaults(BaseModel):
     scheduler: SchedulerName | None = Field(None, description="sampler; absent: the pipeline's own")
     output_format: OutputFormat = Field("numpy", description="numpy (the pytorch/serve example's list), png, jpeg, webp or json")
     quality: int = Field(90, ge=1, le=100, description="jpeg and webp quality")
+    strength: float | None = Field(
+        None, ge=0, le=1, allow_inf_nan=False,
+        description="img2img and inpaint: how far to move from the input image; absent: 0.8 for img2img, 1.0 for inpaint",
+    )
+    controlnet_conditioning_scale: float = Field(
+        1.0, ge=0, le=2, allow_inf_nan=False, description="how strongly the ControlNet steers"
+    )
+    use_refiner: bool = Field(True, description="finish txt2img with the refiner, when the model has one")
 
 
 class Limits(BaseModel):
@@ -36,6 +46,9 @@ class Limits(BaseModel):
     max_images_per_prompt: int = Field(8, ge=1, le=64)
     max_pixels: int = Field(1536 * 1536, ge=64 * 64, description="height x width of one image")
     max_images_per_request: int = Field(16, ge=1, description="prompts x num_images_per_prompt")
+    max_input_pixels: int = Field(
+        4096 * 4096, ge=64 * 64, description="width x height of an input image, checked before it is decoded"
+    )
 
 
 class HandlerConfig(GenerationDefaults, Limits):
@@ -54,6 +67,32 @@ class HandlerConfig(GenerationDefaults, Limits):
     )
     unpack_dir: str | None = Field(
         None, description="where a model.zip is unpacked once per model version; default: inside the model dir"
+    )
+    attention_slicing: Literal["auto", "max"] | int | None = Field(
+        None, description="compute attention in slices: less peak memory, a little slower"
+    )
+    vae_slicing: bool = Field(False, description="decode a batch one image at a time: less peak memory")
+    vae_tiling: bool = Field(False, description="decode in overlapping tiles: large images fit, slower, may show seams")
+    cpu_offload: CpuOffload = Field(
+        "none",
+        description="CUDA only. model: each model moves to the GPU while it runs (much less GPU memory, a little "
+        "slower); sequential: each layer does (least GPU memory, several times slower)",
+    )
+    channels_last: bool = Field(False, description="UNet/VAE weights in NHWC layout: often faster convolutions on GPUs")
+    torch_compile: bool = Field(
+        False, description="compile the UNet or transformer; slower start (warmed up in initialize), faster steps"
+    )
+    compile_mode: CompileMode = Field("default", description="torch.compile mode")
+    compile_backend: str = Field("inductor", description="torch.compile backend")
+    loras: dict[str, str] = Field(
+        {}, description="LoRA adapters by name: a path inside the archive, a local path or a hub id; loaded once"
+    )
+    controlnets: dict[str, str] = Field(
+        {}, description="ControlNets by name (canny, ...): a path inside the archive, a local path or a hub id"
+    )
+    refiner: str | None = Field(None, description="an SDXL refiner pipeline: a path inside the archive or a hub id")
+    refiner_switch: float = Field(
+        0.8, gt=0, lt=1, description="fraction of the denoising done by the base model before the refiner takes over"
     )
 
     @property

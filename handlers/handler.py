@@ -2,18 +2,31 @@
 
 import logging
 import sys
+import time
 from http import HTTPStatus
 from pathlib import Path
 
+from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
 from ts.torch_handler.request_envelope.base import BaseEnvelope
 
 from handlers.archive import locate_pipeline
-from handlers.codecs import JSON, encode_response
+from handlers.codecs import JSON, NDJSON, encode_response, progress_line, stream_result
 from handlers.config import load_handler_config
 from handlers.errors import RequestError
-from handlers.pipelines import ImageGenerator, load_pipeline, resolve_batching, resolve_dtype, select_device
-from handlers.request import is_v2_inputs, merge_v2_inputs, parse_request
+from handlers.generation import ImageGenerator
+from handlers.pipelines import (
+    apply_memory_options,
+    compile_denoiser,
+    load_controlnets,
+    load_loras,
+    load_pipeline,
+    resolve_batching,
+    resolve_dtype,
+    resolve_reference,
+    select_device,
+)
+from handlers.request import Adapters, GenerationRequest, is_v2_inputs, merge_v2_inputs, parse_request
 
 logger = logging.getLogger(__name__)
 
@@ -30,11 +43,44 @@ class DiffusersHandler(BaseHandler):
         pipeline_dir = locate_pipeline(Path(properties["model_dir"]), unpack_dir)
         dtype = resolve_dtype(self.config.torch_dtype, self.device)
         combine = resolve_batching(self.config.batching, self.device)
+        allow_pickle = self.config.allow_pickle_weights
         logger.info("loading %s on %s as %s (combined batches: %s)", pipeline_dir, self.device, dtype, combine)
-        self.pipeline = load_pipeline(pipeline_dir, self.device, dtype, self.config.allow_pickle_weights)
-        self.generator = ImageGenerator(self.pipeline, combine)
+        self.pipeline = load_pipeline(pipeline_dir, dtype, allow_pickle)
+        load_loras(self.pipeline, self.config.loras, pipeline_dir, allow_pickle)
+        controlnets = load_controlnets(self.config.controlnets, pipeline_dir, dtype, allow_pickle)
+        refiner = None
+        if self.config.refiner:
+            # The refiner shares the base's second text encoder and VAE rather than loading copies.
+            refiner = load_pipeline(
+                resolve_reference(self.config.refiner, pipeline_dir),
+                dtype,
+                allow_pickle,
+                text_encoder_2=self.pipeline.text_encoder_2,
+                vae=self.pipeline.vae,
+            )
+        for pipeline in (self.pipeline, refiner):
+            if pipeline is not None:
+                apply_memory_options(pipeline, self.config, self.device)
+        for controlnet in controlnets.values():
+            controlnet.to(self.device)
+        self.adapters = Adapters(loras=tuple(self.config.loras), controlnets=tuple(controlnets))
+        self.generator = ImageGenerator(
+            self.pipeline, combine, controlnets, bool(self.config.loras), refiner, self.config.refiner_switch
+        )
+        if self.config.torch_compile:
+            compile_denoiser(self.pipeline, self.config)
+            self.warm_up()
         self.enveloped = False
         self.initialized = True
+
+    def warm_up(self) -> None:
+        """One short generation at the default size, so compilation happens here, not in the first request."""
+        start = time.perf_counter()
+        request = GenerationRequest(**{**self.defaults.model_dump(), "prompt": "warm-up", "num_inference_steps": 2})
+        [outcome] = self.generator.generate([request])
+        if isinstance(outcome, RequestError):
+            raise RuntimeError(f"warm-up generation failed: {outcome.message}")
+        logger.info("warm-up generation (compiling the denoiser) took %.1f s", time.perf_counter() - start)
 
     def handle(self, data, context):
         self.enveloped = called_by_envelope()
@@ -53,16 +99,22 @@ class DiffusersHandler(BaseHandler):
                         self.limits,
                         body_type=(self._header(index, "body") or {}).get("content-type"),
                         accept=self._header(index, "Accept"),
+                        adapters=self.adapters,
                     )
                 )
             except RequestError as error:
                 requests.append(error)
+                continue
+            if self.enveloped and requests[-1].stream:
+                requests[-1] = RequestError("stream is not available through a KServe envelope", field="stream")
         return requests
 
     def inference(self, data, *args, **kwargs):
         valid = [request for request in data if not isinstance(request, RequestError)]
         logger.info("batch of %d requests, %d valid", len(data), len(valid))
-        generated = iter(self.generator.generate(valid))
+        streaming = {id(request): index for index, request in enumerate(data) if getattr(request, "stream", False)}
+        on_step = self._stream_progress(streaming) if streaming else None
+        generated = iter(self.generator.generate(valid, on_step))
         outcomes = []
         for request in data:
             if isinstance(request, RequestError):
@@ -83,11 +135,30 @@ class DiffusersHandler(BaseHandler):
                 responses.append(outcome.to_json())
                 continue
             request, images = outcome
-            body, content_type = encode_response(request, images)
+            body, content_type = stream_result(request, images) if request.stream else encode_response(request, images)
             self.context.set_response_content_type(index, content_type)
             self.context.set_response_header(index, "X-Seed", str(request.seed))
             responses.append(body)
         return responses
+
+    def _stream_progress(self, streaming: dict[int, int]):
+        """Send each streaming request of a group one JSON line per step, as a TorchServe intermediate response."""
+
+        def on_step(group, step, total, elapsed):
+            for request in group:
+                index = streaming.get(id(request))
+                if index is None:
+                    continue
+                self.context.set_response_content_type(index, NDJSON)
+                send_intermediate_predict_response(
+                    {index: progress_line(step, total, elapsed)},
+                    {index: self.context.request_ids[index]},
+                    "Intermediate Prediction success",
+                    200,
+                    self.context,
+                )
+
+        return on_step
 
     def _enveloped_responses(self, data):
         """Inside a KServe envelope all instances share one HTTP response, so errors travel as values."""

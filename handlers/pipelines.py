@@ -1,16 +1,14 @@
-"""Load a diffusers pipeline and run batches of generation requests on it."""
+"""Load a diffusers pipeline with its adapters, and apply the memory and speed options."""
 
+import json
 import logging
-from itertools import groupby
 from pathlib import Path
 
+import diffusers
 import torch
 from diffusers import DiffusionPipeline
-from PIL.Image import Image
 
-from handlers.errors import GenerationFailed, OutOfMemory, RequestError
-from handlers.request import GenerationRequest
-from handlers.schedulers import SchedulerCache
+from handlers.config import HandlerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -42,79 +40,75 @@ def resolve_batching(name: str, device: torch.device) -> bool:
     return name == "combined"
 
 
-def load_pipeline(
-    source: str | Path, device: torch.device, dtype: torch.dtype, allow_pickle_weights: bool = False
-) -> DiffusionPipeline:
+def load_pipeline(source: str | Path, dtype: torch.dtype, allow_pickle_weights: bool = False, **components):
     """Load from a local directory or a hub id, safetensors only unless pickle is allowed."""
     pipeline = DiffusionPipeline.from_pretrained(
-        source, dtype=dtype, use_safetensors=None if allow_pickle_weights else True
+        source, dtype=dtype, use_safetensors=None if allow_pickle_weights else True, **components
     )
     pipeline.set_progress_bar_config(disable=True)  # tqdm bars would flood the worker log
-    return pipeline.to(device)
+    return pipeline
 
 
-def batch_key(request: GenerationRequest) -> tuple:
-    """Requests with equal keys can share one pipeline call."""
-    return (request.height, request.width, request.num_inference_steps, request.guidance_scale, request.scheduler or "")
+def resolve_reference(reference: str, pipeline_dir: Path) -> str:
+    """An adapter given as a path inside the archive, a local path, or a hub id."""
+    inside = pipeline_dir / reference
+    return str(inside) if inside.exists() else reference
 
 
-class ImageGenerator:
-    """Runs requests on one loaded pipeline, in groups that can share a pipeline call."""
+def load_loras(pipeline: DiffusionPipeline, loras: dict[str, str], pipeline_dir: Path, allow_pickle: bool) -> None:
+    """Load every adapter once; requests switch between them with set_adapters, never reloading the base."""
+    for name, reference in loras.items():
+        logger.info("loading LoRA adapter %r from %s", name, reference)
+        pipeline.load_lora_weights(
+            resolve_reference(reference, pipeline_dir), adapter_name=name, use_safetensors=None if allow_pickle else True
+        )
+    if loras:
+        pipeline.disable_lora()  # requests that name no adapter get the base model
 
-    def __init__(self, pipeline: DiffusionPipeline, combine_requests: bool):
-        self.schedulers = SchedulerCache(pipeline)
-        self.combine_requests = combine_requests
 
-    def generate(self, requests: list[GenerationRequest]) -> list[list[Image] | RequestError]:
-        """Each request's images (or error), in request order; image i was seeded with request.image_seeds[i]."""
-        results: list[list[Image] | RequestError | None] = [None] * len(requests)
-        for indices in self.groups(requests):
-            group = [requests[index] for index in indices]
-            outcome = self.run_group(group)
-            if isinstance(outcome, RequestError):
-                for index in indices:
-                    results[index] = outcome
-                continue
-            images = iter(outcome)
-            for index, request in zip(indices, group):
-                results[index] = [next(images) for _ in range(request.image_count)]
-        return results
+def load_controlnets(
+    controlnets: dict[str, str], pipeline_dir: Path, dtype: torch.dtype, allow_pickle: bool
+) -> dict[str, torch.nn.Module]:
+    """Each ControlNet as the model class its config names (ControlNetModel, FluxControlNetModel, ...)."""
+    loaded = {}
+    for name, reference in controlnets.items():
+        source = resolve_reference(reference, pipeline_dir)
+        model_class = getattr(diffusers, _config_class_name(source) or "ControlNetModel")
+        logger.info("loading ControlNet %r (%s) from %s", name, model_class.__name__, source)
+        loaded[name] = model_class.from_pretrained(source, dtype=dtype, use_safetensors=None if allow_pickle else True)
+    return loaded
 
-    def groups(self, requests: list[GenerationRequest]) -> list[list[int]]:
-        if not self.combine_requests:
-            return [[index] for index in range(len(requests))]
-        order = sorted(range(len(requests)), key=lambda index: batch_key(requests[index]))
-        return [list(group) for _, group in groupby(order, key=lambda index: batch_key(requests[index]))]
 
-    def run_group(self, group: list[GenerationRequest]) -> list[Image] | RequestError:
-        first = group[0]
-        prompts, negative_prompts, generators = [], [], []
-        for request in group:
-            for prompt in request.prompts:
-                prompts += [prompt] * request.num_images_per_prompt
-                negative_prompts += [request.negative_prompt or ""] * request.num_images_per_prompt
-            # One generator per image, seeded from its request, so the noise never depends on
-            # neighbours. CPU generators give the same noise on every device.
-            generators += [torch.Generator("cpu").manual_seed(seed) for seed in request.image_seeds]
-        if first.guidance_scale == 0:
-            # Guidance uncond + w * (cond - uncond) at w = 0 is the unconditional prediction, but
-            # diffusers treats every w <= 1 as conditional; sample from the negative prompt instead.
-            prompts, negative_prompts = negative_prompts, []
-        # Only pass negative prompts when asked: some pipelines (FLUX) take none.
-        extra = {"negative_prompt": negative_prompts} if any(negative_prompts) else {}
-        try:
-            return self.schedulers.pipeline_for(first.scheduler)(
-                prompt=prompts,
-                height=first.height,
-                width=first.width,
-                num_inference_steps=first.num_inference_steps,
-                guidance_scale=first.guidance_scale,
-                generator=generators,
-                **extra,
-            ).images
-        except (torch.OutOfMemoryError, MemoryError):
-            logger.exception("out of memory generating %d images", len(prompts))
-            return OutOfMemory()
-        except Exception as error:  # noqa: BLE001 - one failing group must not fail the others
-            logger.exception("generation failed")
-            return GenerationFailed(f"generation failed: {type(error).__name__}: {error}")
+def _config_class_name(source: str) -> str | None:
+    config = Path(source) / "config.json"
+    return json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+
+
+def denoiser(pipeline: DiffusionPipeline) -> torch.nn.Module:
+    """The model that runs at every step: the UNet, or the transformer of FLUX/SD3-style pipelines."""
+    return pipeline.unet if getattr(pipeline, "unet", None) is not None else pipeline.transformer
+
+
+def apply_memory_options(pipeline: DiffusionPipeline, config: HandlerConfig, device: torch.device) -> None:
+    """Apply the handler section's memory and speed options, then place the pipeline on its device."""
+    if config.attention_slicing is not None:
+        pipeline.enable_attention_slicing(config.attention_slicing)
+    if config.vae_slicing:
+        pipeline.vae.enable_slicing()
+    if config.vae_tiling:
+        pipeline.vae.enable_tiling()
+    if config.channels_last:
+        for module in (denoiser(pipeline), pipeline.vae):
+            module.to(memory_format=torch.channels_last)
+    if config.cpu_offload == "model":
+        pipeline.enable_model_cpu_offload(device=device)
+    elif config.cpu_offload == "sequential":
+        pipeline.enable_sequential_cpu_offload(device=device)
+    else:
+        pipeline.to(device)
+
+
+def compile_denoiser(pipeline: DiffusionPipeline, config: HandlerConfig) -> None:
+    """Compile in place, so every view that shares the module (img2img, schedulers) runs compiled."""
+    denoiser(pipeline).compile(mode=config.compile_mode, backend=config.compile_backend)
+

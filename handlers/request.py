@@ -2,12 +2,15 @@
 
 import json
 import secrets
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from PIL.Image import Image
+from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
 from handlers.config import GenerationDefaults, Limits
 from handlers.errors import PayloadTooLarge, RequestError
+from handlers.images import HOW_TO_SEND_AN_IMAGE, IMAGE_FIELDS, decode_image
 
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_LENGTH = 1000
@@ -22,9 +25,22 @@ HOW_TO_SEND_A_PROMPT = (
 # Accept header values that choose an output format when the request names none.
 FORMATS_BY_MEDIA_TYPE = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp", "application/json": "json"}
 
+Task = Literal["txt2img", "img2img", "inpaint"]
+InputImage = Annotated[Image, WithJsonSchema({"type": "string", "contentEncoding": "base64"})]
+
+
+@dataclass(frozen=True)
+class Adapters:
+    """The LoRA adapters and ControlNets a model was configured with, by name."""
+
+    loras: tuple[str, ...] = ()
+    controlnets: tuple[str, ...] = ()
+
 
 class GenerationRequest(GenerationDefaults):
     """One generation: the prompt(s) plus every parameter a client may set."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
 
     prompt: str | list[str] = Field(
         description=f"non-empty text of at most {MAX_PROMPT_LENGTH} characters, or a non-empty list of such prompts"
@@ -35,6 +51,18 @@ class GenerationRequest(GenerationDefaults):
         le=MAX_SEED,
         description="random when absent; returned in the X-Seed header; image i uses seed + i",
     )
+    task: Task = Field(
+        "txt2img", description="absent: inpaint when a mask_image is sent, img2img when an image is, else txt2img"
+    )
+    image: InputImage | None = Field(None, description="img2img and inpaint: the starting image")
+    mask_image: InputImage | None = Field(None, description="inpaint: white where the image is repainted")
+    control_image: InputImage | None = Field(None, description="the ControlNet's conditioning image (an edge map for canny)")
+    controlnet: str | None = Field(None, description="which of the model's ControlNets steers the generation")
+    lora: str | dict[str, float] | None = Field(
+        None, description="a LoRA adapter's name, or adapter names mapped to their weights"
+    )
+    lora_weight: float = Field(1.0, ge=-2, le=2, allow_inf_nan=False, description="the weight of a `lora` given by name")
+    stream: bool = Field(False, description="stream one JSON line per denoising step, then the image")
 
     @field_validator("prompt")
     @classmethod
@@ -61,6 +89,18 @@ class GenerationRequest(GenerationDefaults):
     def image_seeds(self) -> list[int]:
         return [(self.seed + offset) % (MAX_SEED + 1) for offset in range(self.image_count)]
 
+    @property
+    def lora_weights(self) -> dict[str, float]:
+        if self.lora is None:
+            return {}
+        return {self.lora: self.lora_weight} if isinstance(self.lora, str) else dict(self.lora)
+
+    @property
+    def effective_strength(self) -> float:
+        if self.strength is not None:
+            return self.strength
+        return 1.0 if self.task == "inpaint" else 0.8
+
 
 def parse_request(
     row: Any,
@@ -68,6 +108,7 @@ def parse_request(
     limits: Limits,
     body_type: str | None = None,
     accept: str | None = None,
+    adapters: Adapters = Adapters(),
 ) -> GenerationRequest:
     """Validate a row against GenerationRequest: built-in defaults, then the model's, then the request's.
 
@@ -76,12 +117,72 @@ def parse_request(
     fields = read_fields(row, body_type)
     if "output_format" not in fields and (chosen := format_from_accept(accept)):
         fields["output_format"] = chosen
+    for name in IMAGE_FIELDS:
+        if fields.get(name) is not None:
+            fields[name] = decode_image(fields[name], name, limits.max_input_pixels)
+    if fields.get("image") is not None:
+        # Without an explicit size, img2img and inpaint keep the input image's size.
+        fields.setdefault("width", _multiple_of_8(fields["image"].width))
+        fields.setdefault("height", _multiple_of_8(fields["image"].height))
+    if fields.get("task") is None:
+        fields["task"] = infer_task(fields)
     try:
         request = GenerationRequest(**{**defaults.model_dump(), **fields})
     except ValidationError as error:
         raise _as_request_error(error) from None
     check_limits(request, limits)
+    check_task_inputs(request)
+    check_adapters(request, adapters)
+    for name in IMAGE_FIELDS:
+        image = getattr(request, name)
+        if image is not None and image.size != (request.width, request.height):
+            setattr(request, name, image.resize((request.width, request.height)))
     return request
+
+
+def infer_task(fields: dict[str, Any]) -> str:
+    if fields.get("mask_image") is not None:
+        return "inpaint"
+    return "img2img" if fields.get("image") is not None else "txt2img"
+
+
+def check_task_inputs(request: GenerationRequest) -> None:
+    """Each task gets exactly the images it uses; nothing sent is silently ignored."""
+    if request.task in ("img2img", "inpaint") and request.image is None:
+        raise RequestError(f"task {request.task} needs an `image`", field="image", allowed=HOW_TO_SEND_AN_IMAGE)
+    if request.task == "inpaint" and request.mask_image is None:
+        raise RequestError("task inpaint needs a `mask_image` (white where the image is repainted)", field="mask_image")
+    if request.task == "txt2img" and request.image is not None:
+        raise RequestError("an `image` was sent but task is txt2img; use img2img or inpaint", field="task")
+    if request.task != "inpaint" and request.mask_image is not None:
+        raise RequestError(f"a `mask_image` was sent but task is {request.task}; use inpaint", field="task")
+    if request.mask_image is not None and request.mask_image.size != request.image.size:
+        mask, image = request.mask_image.size, request.image.size
+        raise RequestError(
+            f"mask_image is {mask[0]}x{mask[1]} but image is {image[0]}x{image[1]}; they must be the same size",
+            field="mask_image",
+        )
+    if (request.controlnet is None) != (request.control_image is None):
+        raise RequestError("`controlnet` and `control_image` go together: send both or neither", field="controlnet")
+
+
+def check_adapters(request: GenerationRequest, adapters: Adapters) -> None:
+    if request.controlnet is not None and request.controlnet not in adapters.controlnets:
+        raise RequestError(
+            f"unknown controlnet {request.controlnet!r}", field="controlnet", allowed=list(adapters.controlnets)
+        )
+    for name, weight in request.lora_weights.items():
+        if name not in adapters.loras:
+            raise RequestError(f"unknown LoRA adapter {name!r}", field="lora", allowed=list(adapters.loras))
+        if not -2 <= weight <= 2:
+            raise RequestError(
+                f"LoRA weight {weight} for {name!r} is outside -2..2", field="lora", allowed={"minimum": -2, "maximum": 2}
+            )
+
+
+def _multiple_of_8(pixels: int) -> int:
+    return max(64, pixels // 8 * 8)
+
 
 
 def read_fields(row: Any, body_type: str | None = None) -> dict[str, Any]:
@@ -93,8 +194,9 @@ def read_fields(row: Any, body_type: str | None = None) -> dict[str, Any]:
     elif "body" in row:
         fields = _fields_from_body(row["body"], body_type)
     else:
-        # Form fields (urlencoded or multipart) and KServe instances arrive as the row's own keys.
-        fields = {key: _as_text(value) for key, value in row.items()}
+        # Form fields (urlencoded or multipart) and KServe instances arrive as the row's own keys;
+        # image parts stay bytes.
+        fields = {key: value if key in IMAGE_FIELDS else _as_text(value) for key, value in row.items()}
 
     if "data" in fields:
         if "prompt" in fields:

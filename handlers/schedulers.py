@@ -1,6 +1,9 @@
-"""Samplers by name, each built from the loaded pipeline's own scheduler config."""
+"""Samplers by name, and the pipeline views (task x ControlNet x sampler) that share the loaded weights."""
 
 from diffusers import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForInpainting,
+    AutoPipelineForText2Image,
     DDIMScheduler,
     DDPMScheduler,
     DiffusionPipeline,
@@ -12,6 +15,8 @@ from diffusers import (
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
+
+from handlers.errors import RequestError
 
 SCHEDULERS = {
     "ddim": (DDIMScheduler, {}),
@@ -25,22 +30,65 @@ SCHEDULERS = {
     "unipc": (UniPCMultistepScheduler, {}),
     "ddpm": (DDPMScheduler, {}),
 }
+AUTO_PIPELINES = {
+    "txt2img": AutoPipelineForText2Image,
+    "img2img": AutoPipelineForImage2Image,
+    "inpaint": AutoPipelineForInpainting,
+}
 
 
-class SchedulerCache:
-    """One pipeline view per scheduler name, sharing the loaded weights; the base pipeline is never changed."""
+def compatible_schedulers(pipeline: DiffusionPipeline) -> list[str]:
+    """Names whose sampler fits the model's training: flow-matching models (FLUX, SD3) take none of these."""
+    own = type(pipeline.scheduler)
+    compatible = set(getattr(pipeline.scheduler, "compatibles", [])) | {own}
+    return [name for name, (scheduler_class, _) in SCHEDULERS.items() if scheduler_class in compatible]
 
-    def __init__(self, pipeline: DiffusionPipeline):
+
+class PipelineViews:
+    """One pipeline per (task, ControlNet, sampler), made with from_pipe so all share the loaded weights.
+
+    The base pipeline is never changed, so one request's choices never leak into another's.
+    """
+
+    def __init__(self, pipeline: DiffusionPipeline, controlnets: dict | None = None):
         self.base = pipeline
-        self.views: dict[str, DiffusionPipeline] = {}  # bounded by len(SCHEDULERS)
+        self.controlnets = controlnets or {}
+        self.schedulers = compatible_schedulers(pipeline)
+        # Bounded: 3 tasks x (1 + ControlNets) x (1 + samplers).
+        self.views: dict[tuple, DiffusionPipeline] = {}
 
-    def pipeline_for(self, name: str | None) -> DiffusionPipeline:
-        if name is None:
+    def pipeline_for(self, task: str, controlnet: str | None = None, scheduler: str | None = None) -> DiffusionPipeline:
+        if (task, controlnet, scheduler) == ("txt2img", None, None):
             return self.base
-        if name not in self.views:
-            scheduler_class, overrides = SCHEDULERS[name]
-            scheduler = scheduler_class.from_config(self.base.scheduler.config, **overrides)
-            view = type(self.base).from_pipe(self.base, scheduler=scheduler)
-            view.set_progress_bar_config(disable=True)
-            self.views[name] = view
-        return self.views[name]
+        key = (task, controlnet, scheduler)
+        if key not in self.views:
+            self.views[key] = self._make_view(task, controlnet, scheduler)
+        return self.views[key]
+
+    def _make_view(self, task: str, controlnet: str | None, scheduler: str | None) -> DiffusionPipeline:
+        components = {}
+        if scheduler is not None:
+            if scheduler not in self.schedulers:
+                raise RequestError(
+                    f"scheduler {scheduler!r} does not fit this model's {type(self.base.scheduler).__name__}",
+                    field="scheduler",
+                    allowed=self.schedulers,
+                )
+            scheduler_class, overrides = SCHEDULERS[scheduler]
+            components["scheduler"] = scheduler_class.from_config(self.base.scheduler.config, **overrides)
+        if controlnet is not None:
+            components["controlnet"] = self.controlnets[controlnet]
+        try:
+            view = AUTO_PIPELINES[task].from_pipe(self.base, **components)
+        except ValueError as error:
+            if task == "txt2img" and controlnet is None:  # a pipeline AutoPipeline does not know
+                view = type(self.base).from_pipe(self.base, **components)
+            else:
+                raise RequestError(
+                    f"this model ({type(self.base).__name__}) does not support task {task}"
+                    + (" with a ControlNet" if controlnet else "")
+                    + f": {error}",
+                    field="task",
+                ) from None
+        view.set_progress_bar_config(disable=True)
+        return view

@@ -9,7 +9,16 @@ import ts
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
+from archiver.cli import main as archiver_main
 from archiver.tiny import build_tiny_pipeline
+
+SMALL = {"height": 64, "width": 64, "num_inference_steps": 4}
+# Built-in sources and the adapters packed with them, as `python -m archiver build` options.
+FAMILIES = {
+    "sd": ["--source", "tiny", "--controlnet", "canny=tiny", "--lora", "style=tiny", "--lora", "ink=tiny"],
+    "sdxl": ["--source", "tiny-sdxl", "--refiner", "tiny"],
+    "flux": ["--source", "tiny-flux"],
+}
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +28,17 @@ def tiny_pipeline_dir(tmp_path_factory) -> Path:
     target = workdir / "pipeline"
     build_tiny_pipeline(workdir).save_pretrained(target, safe_serialization=True)
     return target
+
+
+@pytest.fixture(scope="session")
+def family_archives(tmp_path_factory) -> dict[str, Path]:
+    """Unpacked (no-archive) model directories, built once by our archiver, one per pipeline family."""
+    store = tmp_path_factory.mktemp("families")
+    for name, options in FAMILIES.items():
+        size = [f"--{key.replace('_', '-')}={value}" for key, value in SMALL.items()]
+        arguments = ["build", "--model-name", name, "--export-path", str(store), "--archive-format", "no-archive"]
+        assert archiver_main([*arguments, *options, *size]) == 0
+    return {name: store / name for name in FAMILIES}
 
 
 def zip_directory(source: Path, zip_path: Path, prefix: str = "") -> Path:

@@ -6,8 +6,8 @@ import zipfile
 
 import yaml
 
-from archiver.cli import main
 from archiver.build import REPO_ROOT
+from archiver.cli import main
 
 
 def build(tmp_path, *options):

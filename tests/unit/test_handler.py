@@ -9,31 +9,8 @@ from ts.torch_handler.request_envelope.kserve import KServeEnvelope
 from ts.torch_handler.request_envelope.kservev2 import KServev2Envelope
 
 from handlers.handler import DiffusersHandler
-from tests.conftest import attach_requests, make_context, zip_directory
-
-SMALL = {"height": 64, "width": 64, "num_inference_steps": 4}
-
-
-def decode_numpy_response(body: str) -> np.ndarray:
-    """What the pytorch/serve example's client does with a response."""
-    return np.array(json.loads(body), dtype="uint8")
-
-
-def run(handler, context, rows, body_types=None, headers=None):
-    attach_requests(context, body_types or [None] * len(rows), headers)
-    return handler.handle(rows, context)
-
-
-def run_json(handler, context, *bodies, accept=None):
-    return run(handler, context, [{"body": body} for body in bodies], ["application/json"] * len(bodies),
-               [{"Accept": accept}] * len(bodies) if accept else None)
-
-
-def serve(pipeline_dir, **handler_section):
-    context = make_context(pipeline_dir, {**SMALL, **handler_section}, batch_size=4)
-    handler = DiffusersHandler()
-    handler.initialize(context)
-    return handler, context
+from tests.conftest import SMALL, make_context, zip_directory
+from tests.unit.helpers import UNetBatchSizes, decode_numpy_response, run, run_json, serve
 
 
 @pytest.fixture(scope="module")
@@ -44,23 +21,6 @@ def served(tiny_pipeline_dir):
 @pytest.fixture(scope="module")
 def served_combined(tiny_pipeline_dir):
     return serve(tiny_pipeline_dir, batching="combined")
-
-
-class UNetBatchSizes:
-    """Records the batch size of every UNet forward pass, through a real forward hook."""
-
-    def __init__(self, handler):
-        self.sizes = []
-        self.hook = handler.pipeline.unet.register_forward_pre_hook(self.record)
-
-    def record(self, module, args):
-        self.sizes.append(args[0].shape[0])
-
-    def __enter__(self):
-        return self.sizes
-
-    def __exit__(self, *exc):
-        self.hook.remove()
 
 
 def test_initialize_loads_the_pipeline_on_cpu_in_float32(served):
@@ -192,7 +152,7 @@ def test_a_scheduler_choice_does_not_leak_into_other_requests(served):
     assert euler != default_before
     assert default_after == default_before
     assert type(handler.pipeline.scheduler) is base_scheduler
-    assert type(handler.generator.schedulers.pipeline_for("euler").scheduler).__name__ == "EulerDiscreteScheduler"
+    assert type(handler.generator.views.pipeline_for("txt2img", scheduler="euler").scheduler).__name__ == "EulerDiscreteScheduler"
 
 
 def test_negative_prompt_changes_the_image(served):

@@ -5,15 +5,16 @@ import pytest
 
 from handlers.config import GenerationDefaults, Limits, load_handler_config
 from handlers.errors import RequestError
-from handlers.request import MAX_SEED, merge_v2_inputs, parse_request
+from handlers.request import MAX_SEED, Adapters, merge_v2_inputs, parse_request
 from handlers.schedulers import SCHEDULERS
 
 DEFAULTS = GenerationDefaults()
 LIMITS = Limits()
+ADAPTERS = Adapters(loras=("style", "ink"), controlnets=("canny",))
 
 
 def parse(row, body_type=None, accept=None, defaults=DEFAULTS, limits=LIMITS):
-    return parse_request(row, defaults, limits, body_type=body_type, accept=accept)
+    return parse_request(row, defaults, limits, body_type=body_type, accept=accept, adapters=ADAPTERS)
 
 
 def parse_json(fields, **options):
@@ -69,9 +70,16 @@ def test_every_field_is_taken_from_json():
         "scheduler": "euler_a",
         "output_format": "jpeg",
         "quality": 70,
+        "task": "txt2img",
+        "strength": 0.5,
+        "controlnet_conditioning_scale": 0.7,
+        "use_refiner": False,
+        "lora": {"style": 0.5, "ink": -0.25},
+        "lora_weight": 1.5,
+        "stream": True,
     }
     request = parse_json(fields)
-    assert request.model_dump() == fields
+    assert request.model_dump(exclude={"image", "mask_image", "control_image", "controlnet"}) == fields
     assert request.prompts == ["a cat", "a dog"]
     assert request.image_count == 4
     assert request.image_seeds == [7, 8, 9, 10]

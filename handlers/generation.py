@@ -1,0 +1,247 @@
+"""Run batches of generation requests on one loaded pipeline."""
+
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from itertools import groupby
+
+import torch
+from diffusers import DiffusionPipeline
+from PIL.Image import Image
+
+from handlers.errors import GenerationFailed, OutOfMemory, RequestError
+from handlers.request import GenerationRequest
+from handlers.schedulers import PipelineViews
+
+logger = logging.getLogger(__name__)
+
+# Arguments that not every pipeline takes; img2img gets its size from the image, and a pipeline
+# without step callbacks still generates, only without progress lines.
+OPTIONAL_ARGUMENTS = {"height", "width", "callback_on_step_end"}
+
+# Called after every denoising step of a group: (the group's requests, step, total steps, seconds so far).
+StepListener = Callable[[list[GenerationRequest], int, int, float], None]
+
+
+def batch_key(request: GenerationRequest) -> tuple:
+    """Requests with equal keys can share one pipeline call."""
+    return (
+        request.task,
+        request.height,
+        request.width,
+        request.num_inference_steps,
+        request.guidance_scale,
+        request.scheduler or "",
+        request.effective_strength if request.task != "txt2img" else 0.0,
+        request.controlnet or "",
+        request.controlnet_conditioning_scale if request.controlnet else 0.0,
+        tuple(sorted(request.lora_weights.items())),
+        request.use_refiner,
+    )
+
+
+@dataclass
+class ImageJob:
+    """One image to make: what its request asks for, with its own seed."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    image: Image | None
+    mask_image: Image | None
+    control_image: Image | None
+
+
+def image_jobs(group: list[GenerationRequest]) -> list[ImageJob]:
+    jobs = []
+    for request in group:
+        seeds = iter(request.image_seeds)
+        for prompt in request.prompts:
+            for _ in range(request.num_images_per_prompt):
+                jobs.append(
+                    ImageJob(
+                        prompt,
+                        request.negative_prompt or "",
+                        next(seeds),
+                        request.image,
+                        request.mask_image,
+                        request.control_image,
+                    )
+                )
+    return jobs
+
+
+class ImageGenerator:
+    """Runs requests in groups that can share a pipeline call, on views that share the loaded weights."""
+
+    def __init__(
+        self,
+        pipeline: DiffusionPipeline,
+        combine_requests: bool,
+        controlnets: dict | None = None,
+        has_loras: bool = False,
+        refiner: DiffusionPipeline | None = None,
+        refiner_switch: float = 0.8,
+    ):
+        self.pipeline = pipeline
+        self.views = PipelineViews(pipeline, controlnets)
+        self.combine_requests = combine_requests
+        self.has_loras = has_loras
+        self.refiner = refiner
+        self.refiner_switch = refiner_switch
+
+    def generate(
+        self, requests: list[GenerationRequest], on_step: StepListener | None = None
+    ) -> list[list[Image] | RequestError]:
+        """Each request's images (or error), in request order; image i was seeded with request.image_seeds[i]."""
+        results: list[list[Image] | RequestError | None] = [None] * len(requests)
+        for indices in self.groups(requests):
+            group = [requests[index] for index in indices]
+            outcome = self.run_group(group, on_step)
+            if isinstance(outcome, RequestError):
+                for index in indices:
+                    results[index] = outcome
+                continue
+            images = iter(outcome)
+            for index, request in zip(indices, group):
+                results[index] = [next(images) for _ in range(request.image_count)]
+        return results
+
+    def groups(self, requests: list[GenerationRequest]) -> list[list[int]]:
+        if not self.combine_requests:
+            return [[index] for index in range(len(requests))]
+        order = sorted(range(len(requests)), key=lambda index: batch_key(requests[index]))
+        return [list(group) for _, group in groupby(order, key=lambda index: batch_key(requests[index]))]
+
+    def run_group(self, group: list[GenerationRequest], on_step: StepListener | None = None) -> list[Image] | RequestError:
+        first = group[0]
+        jobs = image_jobs(group)
+        if first.task != "txt2img" and int(first.num_inference_steps * first.effective_strength) < 1:
+            # Strength this low leaves no denoising step: the input image is the answer.
+            return [job.image for job in jobs]
+        try:
+            pipeline = self.views.pipeline_for(first.task, first.controlnet, first.scheduler)
+            self._activate_loras(first.lora_weights)
+            refine = self._refines(first)
+            # With a refiner, the base and refiner steps split one schedule of num_inference_steps.
+            progress = Progress(group, on_step, first.num_inference_steps if refine else None) if on_step else None
+            return self._run_jobs(pipeline, first, jobs, progress)
+        except RequestError as error:
+            return error
+        except (torch.OutOfMemoryError, MemoryError):
+            logger.exception("out of memory generating one image")
+            return OutOfMemory()
+        except Exception as error:  # noqa: BLE001 - one failing group must not fail the others
+            logger.exception("generation failed")
+            return GenerationFailed(f"generation failed: {type(error).__name__}: {error}")
+
+    def _run_jobs(self, pipeline, request, jobs: list[ImageJob], progress) -> list[Image]:
+        """Run the jobs in one call; out of memory, retry in halves before giving up.
+
+        Every image has its own seeded generator, so a split batch gives the same images.
+        """
+        try:
+            return self._call(pipeline, request, jobs, progress)
+        except torch.OutOfMemoryError:
+            if len(jobs) == 1:
+                raise
+            logger.warning("out of memory with %d images in one call; retrying in halves", len(jobs))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            middle = len(jobs) // 2
+            return self._run_jobs(pipeline, request, jobs[:middle], progress) + self._run_jobs(
+                pipeline, request, jobs[middle:], progress
+            )
+
+    def _call(self, pipeline, request: GenerationRequest, jobs: list[ImageJob], progress) -> list[Image]:
+        prompts = [job.prompt for job in jobs]
+        negative_prompts = [job.negative_prompt for job in jobs]
+        # CPU generators give the same noise on every device.
+        generators = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
+        if request.guidance_scale == 0 and hasattr(type(pipeline), "do_classifier_free_guidance"):
+            # Guidance uncond + w * (cond - uncond) at w = 0 is the unconditional prediction, but
+            # diffusers treats every w <= 1 as conditional; sample from the negative prompt instead.
+            prompts, negative_prompts = negative_prompts, ["" for _ in jobs]
+        arguments = {
+            "prompt": prompts,
+            "height": request.height,
+            "width": request.width,
+            "num_inference_steps": request.num_inference_steps,
+            "guidance_scale": request.guidance_scale,
+            "generator": generators,
+        }
+        if any(negative_prompts):  # only when asked: some pipelines (FLUX) take none
+            arguments["negative_prompt"] = negative_prompts
+        if request.task != "txt2img":
+            arguments["image"] = [job.image for job in jobs]
+            arguments["strength"] = request.effective_strength
+        if request.task == "inpaint":
+            arguments["mask_image"] = [job.mask_image for job in jobs]
+        if request.controlnet is not None:
+            # ControlNet txt2img pipelines take the conditioning image as `image`.
+            arguments["control_image" if request.task != "txt2img" else "image"] = [job.control_image for job in jobs]
+            arguments["controlnet_conditioning_scale"] = request.controlnet_conditioning_scale
+        if progress:
+            progress.begin_call()
+            arguments["callback_on_step_end"] = progress.step
+        arguments = without_unsupported(pipeline, arguments)
+        if self._refines(request):
+            return self._refine(pipeline, arguments, progress)
+        return pipeline(**arguments).images
+
+    def _refines(self, request: GenerationRequest) -> bool:
+        return self.refiner is not None and request.use_refiner and request.task == "txt2img" and not request.controlnet
+
+    def _refine(self, pipeline, arguments: dict, progress) -> list[Image]:
+        """SDXL's ensemble of experts: the base denoises the high-noise part, the refiner finishes in latents."""
+        latents = pipeline(**arguments, denoising_end=self.refiner_switch, output_type="latent").images
+        if progress:
+            progress.begin_stage()
+        refiner_arguments = without_unsupported(self.refiner, arguments)
+        return self.refiner(**refiner_arguments, image=latents, denoising_start=self.refiner_switch).images
+
+    def _activate_loras(self, weights: dict[str, float]) -> None:
+        """Switch adapters on the shared modules; the base weights stay loaded and untouched."""
+        if not self.has_loras:
+            return
+        if weights:
+            self.pipeline.enable_lora()
+            self.pipeline.set_adapters(list(weights), adapter_weights=list(weights.values()))
+        else:
+            self.pipeline.disable_lora()
+
+
+
+class Progress:
+    """Numbers the denoising steps of a group's pipeline call, across the base and refiner stages."""
+
+    def __init__(self, group: list[GenerationRequest], listener: StepListener, total: int | None = None):
+        self.group, self.listener, self.total = group, listener, total
+        self.offset = self.done = 0
+        self.start = time.perf_counter()
+
+    def begin_call(self) -> None:
+        """A new pipeline call; after an out-of-memory retry the count starts again."""
+        self.offset = self.done = 0
+
+    def begin_stage(self) -> None:
+        self.offset = self.done
+
+    def step(self, pipeline, step: int, timestep, callback_kwargs: dict) -> dict:
+        self.done = self.offset + step + 1
+        total = self.total or self.offset + pipeline.num_timesteps
+        self.listener(self.group, self.done, total, time.perf_counter() - self.start)
+        return callback_kwargs
+
+
+def without_unsupported(pipeline: DiffusionPipeline, arguments: dict) -> dict:
+    accepted = call_parameters(type(pipeline))
+    return {name: value for name, value in arguments.items() if name in accepted or name not in OPTIONAL_ARGUMENTS}
+
+
+@cache
+def call_parameters(pipeline_class: type) -> frozenset[str]:
+    return frozenset(inspect.signature(pipeline_class.__call__).parameters)

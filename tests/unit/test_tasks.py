@@ -1,0 +1,237 @@
+"""img2img and inpaint on views of one loaded pipeline, ControlNet and LoRA switching, streaming, OOM retries."""
+
+import base64
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.unit.helpers import (
+    UNetBatchSizes,
+    WorkerSocket,
+    pixels,
+    png_base64,
+    png_bytes,
+    run,
+    run_json,
+    served_family,
+)
+
+PNG = {"output_format": "png", "seed": 11}
+
+
+@pytest.fixture(scope="module")
+def sd(family_archives):
+    return served_family(family_archives["sd"])
+
+
+def generate(served, **fields) -> np.ndarray:
+    handler, context = served
+    [body] = run_json(handler, context, {"prompt": "a red square", **PNG, **fields})
+    assert isinstance(body, bytes), body
+    return pixels(body)
+
+
+def gradient(size=(64, 64)) -> Image.Image:
+    ramp = np.linspace(0, 255, size[0], dtype=np.uint8)
+    return Image.fromarray(np.stack([np.tile(ramp, (size[1], 1))] * 3, axis=-1))
+
+
+def test_img2img_starts_from_the_image_and_keeps_its_size(sd):
+    start = png_base64((96, 64))
+    txt2img = generate(sd)
+    img2img = generate(sd, task="img2img", image=start, strength=0.5)
+    assert img2img.shape == (64, 96, 3)  # the input's size, since the request named none
+    red = np.array([200, 30, 30])
+    # At strength 0.5 half the noise is added: the result stays nearer the red start than pure noise does.
+    assert np.abs(img2img - red).mean() < np.abs(txt2img - red).mean()
+
+
+def test_task_is_inferred_from_the_images_sent(sd):
+    image = png_base64()
+    assert np.array_equal(generate(sd, image=image, strength=0.5), generate(sd, task="img2img", image=image, strength=0.5))
+
+
+def test_strength_changes_img2img(sd):
+    image = png_base64()
+    assert not np.array_equal(generate(sd, image=image, strength=0.3), generate(sd, image=image, strength=0.9))
+
+
+def test_strength_zero_returns_the_input_image(sd):
+    start = gradient()
+    result = generate(sd, task="img2img", image=png_bytes_b64(start), strength=0)
+    assert np.array_equal(result, np.asarray(start).astype(int))
+
+
+def png_bytes_b64(image: Image.Image) -> str:
+    return base64.b64encode(png_bytes(image)).decode()
+
+
+def test_inpaint_repaints_only_under_the_white_mask(sd):
+    start = png_bytes_b64(gradient())
+    keep_all = Image.new("L", (64, 64), 0)
+    right_half = keep_all.copy()
+    right_half.paste(255, (32, 0, 64, 64))
+    decoded = []
+    hook = sd[0].pipeline.vae.decoder.register_forward_pre_hook(lambda module, args: decoded.append(args[0]))
+    try:
+        generate(sd, task="inpaint", image=start, mask_image=png_bytes_b64(keep_all))
+        generate(sd, task="inpaint", image=start, mask_image=png_bytes_b64(right_half))
+    finally:
+        hook.remove()
+    kept, repainted = decoded  # the final 8x8 latents; the random tiny VAE mixes every pixel, latents stay local
+    change = (repainted - kept).abs().mean(dim=(0, 1, 2))
+    # Unmasked latents are the image's own; under the mask they are generated afresh.
+    assert change[:3].max() < 0.05 * change[5:].min()
+
+
+def test_multipart_image_parts_arrive_as_bytes(sd):
+    handler, context = sd
+    start = gradient()
+    row = {"prompt": b"a red square", "image": png_bytes(start), "strength": b"0.5", "output_format": b"png", "seed": b"11"}
+    [multipart] = run(handler, context, [row])
+    assert np.array_equal(pixels(multipart), generate(sd, image=png_bytes_b64(start), strength=0.5))
+
+
+def unique_parameter_bytes(*pipelines) -> int:
+    """Bytes of distinct tensor storage behind every module of the given pipelines."""
+    storages = {}
+    for pipeline in pipelines:
+        for component in pipeline.components.values():
+            if isinstance(component, torch.nn.Module):
+                for tensor in [*component.parameters(), *component.buffers()]:
+                    storage = tensor.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def test_task_views_share_the_loaded_weights(sd):
+    handler, _ = sd
+    views = handler.generator.views
+    base_bytes = unique_parameter_bytes(handler.pipeline)
+    img2img, inpaint = views.pipeline_for("img2img"), views.pipeline_for("inpaint")
+    assert type(img2img).__name__ == "StableDiffusionImg2ImgPipeline"
+    assert type(inpaint).__name__ == "StableDiffusionInpaintPipeline"
+    assert img2img.unet is handler.pipeline.unet and inpaint.vae is handler.pipeline.vae
+    # Measured: all three pipelines together hold exactly the base pipeline's tensor memory.
+    assert unique_parameter_bytes(handler.pipeline, img2img, inpaint) == base_bytes > 1_000_000
+
+
+def test_controlnet_steers_with_its_conditioning_image(sd):
+    edges = np.zeros((64, 64, 3), np.uint8)
+    edges[:, 30:34] = 255
+    other = np.zeros((64, 64, 3), np.uint8)
+    other[30:34, :] = 255
+    plain = generate(sd)
+    steered = generate(sd, controlnet="canny", control_image=png_bytes_b64(Image.fromarray(edges)))
+    crossed = generate(sd, controlnet="canny", control_image=png_bytes_b64(Image.fromarray(other)))
+    assert not np.array_equal(steered, plain)
+    assert not np.array_equal(steered, crossed)
+    unscaled = generate(
+        sd, controlnet="canny", control_image=png_bytes_b64(Image.fromarray(edges)), controlnet_conditioning_scale=0
+    )
+    assert np.abs(unscaled - plain).max() <= 1  # scale 0 adds nothing; one grey level of float noise
+
+
+def test_controlnet_with_img2img(sd):
+    result = generate(sd, image=png_base64(), strength=0.6, controlnet="canny", control_image=png_base64(color=(255, 255, 255)))
+    assert result.shape == (64, 64, 3)
+    assert type(sd[0].generator.views.pipeline_for("img2img", "canny")).__name__ == "StableDiffusionControlNetImg2ImgPipeline"
+
+
+def test_lora_adapters_switch_per_request_without_reloading(sd):
+    handler, _ = sd
+    unet_weight = next(handler.pipeline.unet.parameters())
+    pointer = unet_weight.data_ptr()
+    base = generate(sd)
+    style = generate(sd, lora="style")
+    ink = generate(sd, lora="ink")
+    half_style = generate(sd, lora="style", lora_weight=0.5)
+    mixed = generate(sd, lora={"style": 0.5, "ink": 0.5})
+    assert len({image.tobytes() for image in (base, style, ink, half_style, mixed)}) == 5
+    assert np.array_equal(generate(sd, lora="style", lora_weight=0), base)
+    assert np.array_equal(generate(sd), base)  # nothing leaks into a request without a LoRA
+    assert np.array_equal(generate(sd, lora="style"), style)
+    assert handler.pipeline.get_list_adapters()["unet"] == ["style", "ink"]
+    assert next(handler.pipeline.unet.parameters()).data_ptr() == pointer  # the base weights were not reloaded
+
+
+def test_requests_with_different_adapters_share_a_batch(sd):
+    handler, context = sd
+    bodies = [{"prompt": "a red square", **PNG}, {"prompt": "a red square", **PNG, "lora": "style"}]
+    plain, styled = run_json(handler, context, *bodies)
+    assert np.array_equal(pixels(plain), generate(sd)) and np.array_equal(pixels(styled), generate(sd, lora="style"))
+
+
+def test_streaming_sends_one_json_line_per_step_then_the_image(sd):
+    handler, context = sd
+    worker_socket = WorkerSocket(context)
+    try:
+        [final, plain] = run_json(handler, context, {"prompt": "a cat", "stream": True, **PNG}, {"prompt": "a cat", **PNG})
+        sent = worker_socket.received()
+    finally:
+        worker_socket.close()
+    progress = progress_lines(sent)
+    steps = 4
+    assert [line["step"] for line in progress] == list(range(1, steps + 1))
+    assert all(line["total"] == steps for line in progress)
+    assert all(later["elapsed"] >= earlier["elapsed"] for earlier, later in zip(progress, progress[1:]))
+    assert sent.count(b'{"step"') == steps  # only the streaming request got progress lines
+    document = json.loads(final)
+    assert final.endswith("\n") and document["content_type"] == "image/png"
+    assert context.get_response_content_type(0) == "application/x-ndjson"
+    assert np.array_equal(pixels(base64.b64decode(document["images"][0])), pixels(plain))
+
+
+def test_img2img_streams_the_steps_it_runs(sd):
+    handler, context = sd
+    worker_socket = WorkerSocket(context)
+    try:
+        run_json(handler, context, {"prompt": "a cat", "stream": True, "image": png_base64(), "strength": 0.5, **PNG})
+        sent = worker_socket.received()
+    finally:
+        worker_socket.close()
+    progress = progress_lines(sent)
+    assert [(line["step"], line["total"]) for line in progress] == [(1, 2), (2, 2)]  # strength 0.5 of 4 steps
+
+
+def progress_lines(sent: bytes) -> list[dict]:
+    """The JSON progress lines inside TorchServe's binary response frames."""
+    lines = re.findall(rb'\{"step":[^}]*\}\n', sent)
+    return [json.loads(line) for line in lines]
+
+
+class OutOfMemoryAbove:
+    """Makes the real UNet raise CUDA's out-of-memory error for batches larger than `limit`."""
+
+    def __init__(self, unet, limit):
+        self.limit = limit
+        self.hook = unet.register_forward_pre_hook(self.check)
+
+    def check(self, module, args):
+        if args[0].shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.hook.remove()
+
+
+def test_out_of_memory_retries_in_smaller_batches(sd):
+    handler, context = sd
+    request = {"prompt": "a cat", "num_images_per_prompt": 4, "output_format": "json", "seed": 5}
+    [whole] = run_json(handler, context, request)
+    with UNetBatchSizes(handler) as sizes, OutOfMemoryAbove(handler.pipeline.unet, limit=4):
+        [retried] = run_json(handler, context, request)
+    # 4 images with guidance are a UNet batch of 8: refused, then two halves of 2 images succeed.
+    assert sizes[0] == 8 and set(sizes[1:]) == {4}
+    images = json.loads(retried)["images"]
+    assert len(images) == 4 and json.loads(retried)["seeds"] == json.loads(whole)["seeds"]
+    with OutOfMemoryAbove(handler.pipeline.unet, limit=1):
+        [refused] = run_json(handler, context, request)
+    assert context.get_response_status(0)[0] == 507 and "out of memory" in json.loads(refused)["error"]
