@@ -100,6 +100,8 @@ def apply_memory_options(pipeline: DiffusionPipeline, config: HandlerConfig, dev
     if config.channels_last:
         for module in (denoiser(pipeline), pipeline.vae):
             module.to(memory_format=torch.channels_last)
+    if config.cpu_offload != "none" and device.type != "cuda":
+        raise ValueError(f"cpu_offload: {config.cpu_offload} needs a CUDA device; this worker runs on {device}")
     if config.cpu_offload == "model":
         pipeline.enable_model_cpu_offload(device=device)
     elif config.cpu_offload == "sequential":

@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import re
 import socket
 
 import numpy as np
@@ -91,3 +92,9 @@ class WorkerSocket:
     def close(self):
         self.worker.close()
         self.frontend.close()
+
+
+def progress_lines(sent: bytes) -> list[dict]:
+    """The JSON progress lines inside TorchServe's binary response frames."""
+    lines = re.findall(rb'\{"step":[^}]*\}\n', sent)
+    return [json.loads(line) for line in lines]

@@ -1,7 +1,10 @@
+import base64
+import io
 import json
 import math
 
 import pytest
+from PIL import Image
 
 from handlers.config import GenerationDefaults, Limits, load_handler_config
 from handlers.errors import RequestError
@@ -232,3 +235,54 @@ def test_missing_seed_is_drawn_per_request():
     seeds = {parse({"body": "a cat"}, "text/plain").seed for _ in range(5)}
     assert len(seeds) > 1
     assert all(0 <= seed <= MAX_SEED for seed in seeds)
+
+
+def png_text(size=(64, 64), mode="RGB") -> str:
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_images_arrive_as_base64_or_data_urls_and_set_the_size():
+    request = parse_json({"prompt": "a cat", "image": "data:image/png;base64," + png_text((96, 72)), "strength": 0.4})
+    assert request.task == "img2img" and request.image.size == (96, 72) and (request.width, request.height) == (96, 72)
+    sized = parse_json({"prompt": "a cat", "image": png_text((96, 72)), "width": 64, "height": 64})
+    assert sized.image.size == (64, 64)
+
+
+@pytest.mark.parametrize(
+    "fields, status, message",
+    [
+        ({"image": "not base64!"}, 400, "not valid base64"),
+        ({"image": base64.b64encode(b"plain text, not a picture").decode()}, 400, "not a readable image"),
+        ({"image": png_text((5000, 5000))}, 413, "at most"),
+        ({"task": "img2img"}, 400, "needs an `image`"),
+        ({"task": "inpaint", "image": png_text()}, 400, "needs a `mask_image`"),
+        ({"task": "txt2img", "image": png_text()}, 400, "task is txt2img"),
+        ({"image": png_text(), "mask_image": png_text((32, 64), "L")}, 400, "mask_image is 32x64 but image is 64x64"),
+        ({"image": png_text(), "strength": 1.5}, 400, "strength"),
+        ({"controlnet": "canny"}, 400, "go together"),
+        ({"controlnet": "depth", "control_image": png_text()}, 400, "unknown controlnet"),
+        ({"lora": "missing"}, 400, "unknown LoRA"),
+        ({"lora": {"style": 3}}, 400, "outside -2..2"),
+        ({"task": "upscale"}, 400, "task"),
+    ],
+)
+def test_bad_image_inputs_are_refused_clearly(fields, status, message):
+    error = rejection({"prompt": "a cat", **fields})
+    assert error.status == status and message in error.message
+
+
+def test_a_decompression_bomb_is_refused_before_its_pixels_are_decoded():
+    """A 20000x20000 PNG of zeros is about 400 kB; decoded it would take 1.2 GB."""
+    buffer = io.BytesIO()
+    Image.new("L", (20000, 20000)).save(buffer, format="PNG")
+    assert len(buffer.getvalue()) < 1_000_000
+    error = rejection({"prompt": "a cat", "image": base64.b64encode(buffer.getvalue()).decode()})
+    assert error.status == 413 and error.field == "image"
+
+
+def test_the_input_pixel_cap_comes_from_the_config():
+    limits = Limits(max_input_pixels=64 * 64)
+    assert parse_json({"prompt": "a cat", "image": png_text((64, 64))}, limits=limits).image.size == (64, 64)
+    assert rejection({"prompt": "a cat", "image": png_text((72, 64))}, limits=limits).status == 413

@@ -2,7 +2,6 @@
 
 import base64
 import json
-import re
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from tests.unit.helpers import (
     pixels,
     png_base64,
     png_bytes,
+    progress_lines,
     run,
     run_json,
     served_family,
@@ -196,12 +196,6 @@ def test_img2img_streams_the_steps_it_runs(sd):
         worker_socket.close()
     progress = progress_lines(sent)
     assert [(line["step"], line["total"]) for line in progress] == [(1, 2), (2, 2)]  # strength 0.5 of 4 steps
-
-
-def progress_lines(sent: bytes) -> list[dict]:
-    """The JSON progress lines inside TorchServe's binary response frames."""
-    lines = re.findall(rb'\{"step":[^}]*\}\n', sent)
-    return [json.loads(line) for line in lines]
 
 
 class OutOfMemoryAbove:

@@ -1,0 +1,112 @@
+"""Each memory and speed option of the handler section takes effect on the loaded pipeline."""
+
+import json
+
+import pytest
+import torch
+from diffusers.models.attention_processor import SlicedAttnProcessor
+from torch._dynamo.utils import counters
+
+from handlers.config import HandlerConfig
+from handlers.pipelines import apply_memory_options, load_pipeline
+from tests.unit.helpers import run_json, serve, served_family
+
+
+def generates(served) -> bool:
+    handler, context = served
+    [body] = run_json(handler, context, {"prompt": "a cat", "output_format": "png"})
+    return isinstance(body, bytes) and body.startswith(b"\x89PNG")
+
+
+def test_no_option_leaves_the_pipeline_as_loaded(tiny_pipeline_dir):
+    handler, _ = served = serve(tiny_pipeline_dir)
+    processors = handler.pipeline.unet.attn_processors.values()
+    assert not any(isinstance(processor, SlicedAttnProcessor) for processor in processors)
+    assert not handler.pipeline.vae.use_slicing and not handler.pipeline.vae.use_tiling
+    assert getattr(handler.pipeline.unet, "_hf_hook", None) is None
+    assert generates(served)
+
+
+def test_attention_slicing(tiny_pipeline_dir):
+    handler, _ = served = serve(tiny_pipeline_dir, attention_slicing="max")
+    processors = [p for p in handler.pipeline.unet.attn_processors.values() if isinstance(p, SlicedAttnProcessor)]
+    assert processors and all(processor.slice_size == 1 for processor in processors)
+    assert generates(served)
+
+
+@pytest.mark.parametrize("option, flag", [("vae_slicing", "use_slicing"), ("vae_tiling", "use_tiling")])
+def test_vae_slicing_and_tiling(tiny_pipeline_dir, option, flag):
+    handler, _ = served = serve(tiny_pipeline_dir, **{option: True})
+    assert getattr(handler.pipeline.vae, flag)
+    assert generates(served)
+
+
+def test_channels_last(tiny_pipeline_dir):
+    handler, _ = served = serve(tiny_pipeline_dir, channels_last=True)
+    convolution = handler.pipeline.unet.conv_in.weight
+    assert convolution.is_contiguous(memory_format=torch.channels_last) and not convolution.is_contiguous()
+    assert handler.pipeline.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert generates(served)
+
+
+def test_model_cpu_offload_keeps_weights_on_the_cpu_until_used(tiny_pipeline_dir):
+    """Installing the hooks needs no GPU: each model is moved to cuda:0 only when it runs."""
+    pipeline = load_pipeline(tiny_pipeline_dir, torch.float32)
+    apply_memory_options(pipeline, HandlerConfig(cpu_offload="model"), torch.device("cuda:0"))
+    hook = pipeline.unet._hf_hook
+    assert type(hook).__name__ == "CpuOffload" and hook.execution_device == torch.device("cuda:0")
+    assert pipeline.unet.conv_in.weight.device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="sequential offload installs CUDA-only hooks; no GPU here")
+def test_sequential_cpu_offload_moves_layers_as_they_run(tiny_pipeline_dir):
+    handler, _ = served = serve(tiny_pipeline_dir, cpu_offload="sequential")
+    assert type(handler.pipeline.unet._hf_hook).__name__ == "AlignDevicesHook"
+    assert generates(served)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this checks the refusal on a CPU-only worker")
+def test_cpu_offload_on_a_cpu_worker_is_a_clear_error(tiny_pipeline_dir):
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        serve(tiny_pipeline_dir, cpu_offload="model")
+
+
+@pytest.mark.parametrize("name, dtype", [("bfloat16", torch.bfloat16), ("float32", torch.float32)])
+def test_torch_dtype(tiny_pipeline_dir, name, dtype):
+    handler, _ = served = serve(tiny_pipeline_dir, torch_dtype=name)
+    assert handler.pipeline.unet.dtype == handler.pipeline.vae.dtype == handler.pipeline.text_encoder.dtype == dtype
+    assert generates(served)
+
+
+def test_default_scheduler_applies_unless_the_request_names_one(tiny_pipeline_dir):
+    handler, context = serve(tiny_pipeline_dir, scheduler="euler", output_format="json")
+    [body] = run_json(handler, context, {"prompt": "a cat"})
+    assert json.loads(body)["parameters"]["scheduler"] == "euler"
+    [body] = run_json(handler, context, {"prompt": "a cat", "scheduler": "ddim"})
+    assert json.loads(body)["parameters"]["scheduler"] == "ddim"
+    view = handler.generator.views.pipeline_for("txt2img", scheduler="euler")
+    assert type(view.scheduler).__name__ == "EulerDiscreteScheduler"
+
+
+def test_torch_compile_is_warmed_up_in_initialize(tiny_pipeline_dir):
+    """Inductor compiles the tiny UNet (about 40 s on 2 cores) during initialize, not in the first request."""
+    graphs_before = counters["stats"]["unique_graphs"]
+    handler, _ = served = serve(tiny_pipeline_dir, torch_compile=True)
+    assert handler.pipeline.unet._compiled_call_impl is not None
+    graphs_after_warm_up = counters["stats"]["unique_graphs"]
+    assert graphs_after_warm_up > graphs_before
+    assert generates(served)
+    assert counters["stats"]["unique_graphs"] == graphs_after_warm_up  # the first request compiled nothing new
+
+
+def test_an_unknown_option_is_refused_with_the_allowed_ones(tiny_pipeline_dir):
+    with pytest.raises(ValueError, match="attention_slicing"):
+        serve(tiny_pipeline_dir, attention_slicing="sometimes")
+
+
+def test_options_reach_the_sdxl_refiner_too(family_archives):
+    handler, _ = served = served_family(family_archives["sdxl"], vae_slicing=True, attention_slicing="auto")
+    refiner = handler.generator.refiner
+    assert refiner.vae is handler.pipeline.vae and refiner.vae.use_slicing
+    assert any(isinstance(p, SlicedAttnProcessor) for p in refiner.unet.attn_processors.values())
+    assert generates(served)
