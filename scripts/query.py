@@ -5,6 +5,7 @@ One image is saved as --out; several as OUT-1, OUT-2, ... The file type follows 
 """
 
 import argparse
+import base64
 import sys
 from pathlib import Path
 
@@ -15,7 +16,9 @@ from client import add_server_arguments, auth_header, save_response
 PARAMETERS = (
     "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width", "seed",
     "num_images_per_prompt", "scheduler", "output_format", "quality",
+    "task", "strength", "controlnet", "controlnet_conditioning_scale", "lora", "lora_weight",
 )
+IMAGE_PARAMETERS = ("image", "mask_image", "control_image")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-format", default="png", choices=("png", "jpeg", "webp", "json", "numpy"),
                         help="what the server sends back (default: %(default)s)")
     parser.add_argument("--quality", type=int, help="jpeg/webp quality, 1-100")
+    parser.add_argument("--task", choices=("txt2img", "img2img", "inpaint"), help="default: inferred from the images")
+    parser.add_argument("--image", type=Path, help="img2img/inpaint start image file")
+    parser.add_argument("--mask-image", type=Path, help="inpaint mask file: white is repainted")
+    parser.add_argument("--strength", type=float, help="0-1")
+    parser.add_argument("--controlnet", help="a ControlNet of the model, by name (e.g. canny)")
+    parser.add_argument("--control-image", type=Path, help="the ControlNet's conditioning image file")
+    parser.add_argument("--controlnet-conditioning-scale", type=float, help="0-2")
+    parser.add_argument("--lora", help="a LoRA adapter of the model, by name")
+    parser.add_argument("--lora-weight", type=float, help="-2 to 2")
     parser.add_argument("--out", type=Path, default=Path("output.png"), help="where to save (default: %(default)s)")
     add_server_arguments(parser, default_port=8080)
     return parser
@@ -41,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     body = {"prompt": args.prompt[0] if len(args.prompt) == 1 else args.prompt}
     body |= {name: getattr(args, name) for name in PARAMETERS if getattr(args, name) is not None}
+    body |= {
+        name: base64.b64encode(getattr(args, name).read_bytes()).decode()
+        for name in IMAGE_PARAMETERS
+        if getattr(args, name) is not None
+    }
     response = requests.post(
         f"{args.url}/predictions/{args.model}", json=body, headers=auth_header("inference", args.key_file), timeout=3600
     )
