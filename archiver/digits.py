@@ -18,7 +18,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from archiver.tiny import assemble_sd_pipeline, clip_text_encoder, write_tokenizer_files
+from archiver.tiny import assemble_sd_pipeline, clip_text_encoder, tiny_vae, write_tokenizer_files
 
 IMAGE_SIZE = 64  # the request API's smallest size; the VAE's 8x downsampling gives the digits' own 8x8
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -79,18 +79,7 @@ def load_digit_images() -> tuple[torch.Tensor, np.ndarray]:
 
 
 def build_components(tokenizer: CLIPTokenizer) -> tuple[AutoencoderKL, UNet2DConditionModel, CLIPTextModel]:
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        mid_block_add_attention=False,
-        sample_size=IMAGE_SIZE,
-    )
+    vae = tiny_vae(sample_size=IMAGE_SIZE)
     unet = UNet2DConditionModel(
         sample_size=IMAGE_SIZE // 8,
         in_channels=4,

@@ -112,15 +112,17 @@ def tiny_unet(**overrides) -> UNet2DConditionModel:
 def tiny_vae(**overrides) -> AutoencoderKL:
     """An 8x VAE like real SD's, so latents stay small at real image sizes."""
     return AutoencoderKL(
-        block_out_channels=(16, 16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        mid_block_add_attention=False,
-        sample_size=256,
-        **overrides,
+        **{
+            "block_out_channels": (16, 16, 32, 32),
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "latent_channels": 4,
+            "layers_per_block": 1,
+            "norm_num_groups": 8,
+            "mid_block_add_attention": False,
+            "sample_size": 256,
+            **overrides,
+        }
     )
 
 

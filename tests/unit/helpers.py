@@ -54,7 +54,11 @@ class UNetBatchSizes:
 
 
 def png_base64(size=(64, 64), color=(200, 30, 30), mode="RGB") -> str:
-    return base64.b64encode(png_bytes(Image.new(mode, size, color))).decode()
+    return image_base64(Image.new(mode, size, color))
+
+
+def image_base64(image: Image.Image) -> str:
+    return base64.b64encode(png_bytes(image)).decode()
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -11,6 +11,7 @@ from PIL import Image
 from tests.unit.helpers import (
     UNetBatchSizes,
     WorkerSocket,
+    image_base64,
     pixels,
     png_base64,
     png_bytes,
@@ -62,24 +63,20 @@ def test_strength_changes_img2img(sd):
 
 def test_strength_zero_returns_the_input_image(sd):
     start = gradient()
-    result = generate(sd, task="img2img", image=png_bytes_b64(start), strength=0)
+    result = generate(sd, task="img2img", image=image_base64(start), strength=0)
     assert np.array_equal(result, np.asarray(start).astype(int))
 
 
-def png_bytes_b64(image: Image.Image) -> str:
-    return base64.b64encode(png_bytes(image)).decode()
-
-
 def test_inpaint_repaints_only_under_the_white_mask(sd):
-    start = png_bytes_b64(gradient())
+    start = image_base64(gradient())
     keep_all = Image.new("L", (64, 64), 0)
     right_half = keep_all.copy()
     right_half.paste(255, (32, 0, 64, 64))
     decoded = []
     hook = sd[0].pipeline.vae.decoder.register_forward_pre_hook(lambda module, args: decoded.append(args[0]))
     try:
-        generate(sd, task="inpaint", image=start, mask_image=png_bytes_b64(keep_all))
-        generate(sd, task="inpaint", image=start, mask_image=png_bytes_b64(right_half))
+        generate(sd, task="inpaint", image=start, mask_image=image_base64(keep_all))
+        generate(sd, task="inpaint", image=start, mask_image=image_base64(right_half))
     finally:
         hook.remove()
     kept, repainted = decoded  # the final 8x8 latents; the random tiny VAE mixes every pixel, latents stay local
@@ -93,7 +90,7 @@ def test_multipart_image_parts_arrive_as_bytes(sd):
     start = gradient()
     row = {"prompt": b"a red square", "image": png_bytes(start), "strength": b"0.5", "output_format": b"png", "seed": b"11"}
     [multipart] = run(handler, context, [row])
-    assert np.array_equal(pixels(multipart), generate(sd, image=png_bytes_b64(start), strength=0.5))
+    assert np.array_equal(pixels(multipart), generate(sd, image=image_base64(start), strength=0.5))
 
 
 def unique_parameter_bytes(*pipelines) -> int:
@@ -126,12 +123,12 @@ def test_controlnet_steers_with_its_conditioning_image(sd):
     other = np.zeros((64, 64, 3), np.uint8)
     other[30:34, :] = 255
     plain = generate(sd)
-    steered = generate(sd, controlnet="canny", control_image=png_bytes_b64(Image.fromarray(edges)))
-    crossed = generate(sd, controlnet="canny", control_image=png_bytes_b64(Image.fromarray(other)))
+    steered = generate(sd, controlnet="canny", control_image=image_base64(Image.fromarray(edges)))
+    crossed = generate(sd, controlnet="canny", control_image=image_base64(Image.fromarray(other)))
     assert not np.array_equal(steered, plain)
     assert not np.array_equal(steered, crossed)
     unscaled = generate(
-        sd, controlnet="canny", control_image=png_bytes_b64(Image.fromarray(edges)), controlnet_conditioning_scale=0
+        sd, controlnet="canny", control_image=image_base64(Image.fromarray(edges)), controlnet_conditioning_scale=0
     )
     assert np.abs(unscaled - plain).max() <= 1  # scale 0 adds nothing; one grey level of float noise
 
