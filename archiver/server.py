@@ -95,7 +95,7 @@ class TorchServe:
     def wait_until_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         pending = set(self.models)
-        while pending:
+        while pending or not self.answering():
             if self.process.poll() is not None:
                 raise RuntimeError(f"TorchServe exited early:\n{self.log_tail()}")
             if time.monotonic() > deadline:
@@ -104,6 +104,16 @@ class TorchServe:
                 if any(worker["status"] == "READY" for worker in self.describe(name)["workers"]):
                     pending.discard(name)
             time.sleep(0.5)
+
+    def answering(self) -> bool:
+        """The inference port answers and, with token auth, the key file is written."""
+        if self.token_auth and not (self.workdir / "key_file.json").is_file():
+            return False
+        try:
+            requests.get(f"{self.inference_url}/ping", timeout=5)
+        except requests.ConnectionError:
+            return False
+        return True
 
     def keys(self) -> dict[str, str]:
         data = json.loads((self.workdir / "key_file.json").read_text())

@@ -68,6 +68,9 @@ class HandlerConfig(GenerationDefaults, Limits):
     unpack_dir: str | None = Field(
         None, description="where a model.zip is unpacked once per model version; default: inside the model dir"
     )
+    max_unpacked_bytes: int = Field(
+        64 * 2**30, ge=1, description="a model.zip that unpacks to more is refused (zip bombs); default 64 GiB"
+    )
     attention_slicing: Literal["auto", "max"] | int | None = Field(
         None, description="compute attention in slices: less peak memory, a little slower"
     )

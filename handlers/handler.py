@@ -40,7 +40,7 @@ class DiffusersHandler(BaseHandler):
         self.defaults, self.limits = self.config.generation_defaults, self.config.limits
         self.device = select_device(properties.get("gpu_id"))
         unpack_dir = Path(self.config.unpack_dir) if self.config.unpack_dir else None
-        pipeline_dir = locate_pipeline(Path(properties["model_dir"]), unpack_dir)
+        pipeline_dir = locate_pipeline(Path(properties["model_dir"]), unpack_dir, self.config.max_unpacked_bytes)
         dtype = resolve_dtype(self.config.torch_dtype, self.device)
         combine = resolve_batching(self.config.batching, self.device)
         allow_pickle = self.config.allow_pickle_weights

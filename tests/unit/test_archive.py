@@ -1,13 +1,15 @@
 import os
 import stat
+import struct
 import threading
 import zipfile
 
 import pytest
 
-from handlers.archive import COMPLETE_MARKER, locate_pipeline, unpack_once
+from handlers.archive import COMPLETE_MARKER, MAX_MEMBERS, locate_pipeline, unpack_once
 from handlers.errors import PipelineNotFound, UnsafeArchive
-from tests.conftest import zip_directory
+from handlers.handler import DiffusersHandler
+from tests.conftest import make_context, zip_directory
 
 
 def write_zip(path, members):
@@ -99,3 +101,53 @@ def test_locate_pipeline_accepts_both_archive_layouts(tmp_path, tiny_pipeline_di
 def test_locate_pipeline_explains_what_is_missing(tmp_path):
     with pytest.raises(PipelineNotFound, match="model_index.json"):
         locate_pipeline(tmp_path)
+
+
+def write_zip_bomb(path, unpacked_bytes: int):
+    """A few kB of deflated zeros that unpack to unpacked_bytes."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("model_index.json", "{}")
+        with archive.open("unet/diffusion_pytorch_model.safetensors", "w") as member:
+            for _ in range(unpacked_bytes // (1 << 20)):
+                member.write(bytes(1 << 20))
+    return path
+
+
+def test_a_zip_bomb_is_refused_before_anything_is_written(tmp_path):
+    archive = write_zip_bomb(tmp_path / "model.zip", 64 << 20)
+    assert archive.stat().st_size < 1 << 20
+    with pytest.raises(UnsafeArchive, match=f"unpacks to {(64 << 20) + 2} bytes; the cap is {32 << 20}"):
+        unpack_once(archive, tmp_path / "cache", max_unpacked_bytes=32 << 20)
+    written = [path for path in (tmp_path / "cache").rglob("*") if path.is_file() and not path.name.endswith(".lock")]
+    assert written == []
+    assert unpack_once(archive, tmp_path / "cache", max_unpacked_bytes=128 << 20)  # under the cap it unpacks
+
+
+def test_a_member_that_lies_about_its_size_cannot_write_more(tmp_path):
+    archive = write_zip_bomb(tmp_path / "model.zip", 16 << 20)
+    declared = 1024
+    data = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as reader:
+        member = reader.getinfo("unet/diffusion_pytorch_model.safetensors")
+    struct.pack_into("<I", data, member.header_offset + 22, declared)  # local header: uncompressed size
+    central = data.rindex(b"PK\x01\x02\x14")
+    struct.pack_into("<I", data, central + 24, declared)  # central directory: uncompressed size
+    archive.write_bytes(bytes(data))
+
+    with pytest.raises(UnsafeArchive, match="corrupt zip"):
+        unpack_once(archive, tmp_path / "cache", max_unpacked_bytes=1 << 20)  # the lie passes the cap ...
+    largest = max((path.stat().st_size for path in (tmp_path / "cache").rglob("*") if path.is_file()), default=0)
+    assert largest <= declared  # ... but never more than the declared size reached the disk
+
+
+def test_a_zip_of_too_many_members_is_refused(tmp_path):
+    archive = write_zip(tmp_path / "model.zip", {f"file-{number}": "" for number in range(MAX_MEMBERS + 1)})
+    with pytest.raises(UnsafeArchive, match=f"{MAX_MEMBERS + 1} members"):
+        unpack_once(archive, tmp_path / "cache")
+
+
+def test_the_handler_section_sets_the_unpack_cap(tmp_path, tiny_pipeline_dir):
+    zip_directory(tiny_pipeline_dir, tmp_path / "model.zip")
+    handler = DiffusersHandler()
+    with pytest.raises(UnsafeArchive, match="the cap is 1000 "):
+        handler.initialize(make_context(tmp_path, {"max_unpacked_bytes": 1000}))

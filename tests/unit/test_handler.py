@@ -1,6 +1,9 @@
 import base64
 import io
 import json
+import pickle
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,3 +218,24 @@ def test_example_layout_with_model_zip_is_served(tmp_path, tiny_pipeline_dir):
     [body] = run(handler, context, [{"body": bytearray(b"a cat")}])
     assert decode_numpy_response(body).shape == (64, 64, 3)
     assert list((model_dir / ".unpacked").glob("*/model_index.json"))
+
+
+class WritesAFileWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_pickle_weights_are_never_opened_by_default(tmp_path, tiny_pipeline_dir):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_pipeline_dir, model_dir)
+    marker = tmp_path / "pickle-ran"
+    for weights in (model_dir / "vae").glob("*.safetensors"):
+        weights.unlink()
+        (weights.with_suffix(".bin")).write_bytes(pickle.dumps(WritesAFileWhenUnpickled(marker)))
+    handler = DiffusersHandler()
+    with pytest.raises(OSError, match="no file named diffusion_pytorch_model.safetensors"):
+        handler.initialize(make_context(model_dir, SMALL))
+    assert not marker.exists()
