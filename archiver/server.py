@@ -50,11 +50,15 @@ class TorchServe:
     def management_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['management']}"
 
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['metrics']}"
+
     def write_config(self) -> Path:
         overrides = {
             "inference_address": self.inference_url,
             "management_address": self.management_url,
-            "metrics_address": f"http://127.0.0.1:{self.ports['metrics']}",
+            "metrics_address": self.metrics_url,
             "model_store": str(self.model_store),
             "load_models": ",".join(f"{name}={file}" for name, file in self.models.items()),
             "disable_token_authorization": str(not self.token_auth).lower(),

@@ -8,6 +8,7 @@ class RequestError(Exception):
     """A problem with one request; the rest of its batch carries on."""
 
     status = 400
+    kind = "invalid_request"  # the `Kind` label of the diffusion_errors metric
 
     def __init__(self, message: str, field: str | None = None, allowed: Any = None):
         super().__init__(message)
@@ -25,10 +26,12 @@ class RequestError(Exception):
 
 class PayloadTooLarge(RequestError):
     status = 413
+    kind = "too_large"
 
 
 class OutOfMemory(RequestError):
     status = 507
+    kind = "out_of_memory"
 
     def __init__(self, message: str = "out of memory while generating; retry with fewer or smaller images"):
         super().__init__(message)
@@ -36,6 +39,7 @@ class OutOfMemory(RequestError):
 
 class GenerationFailed(RequestError):
     status = 500
+    kind = "generation_failed"
 
 
 class PipelineNotFound(Exception):

@@ -55,6 +55,14 @@ class ImageJob:
     control_image: Image | None
 
 
+@dataclass
+class Generated:
+    """A request's images (image i seeded with image_seeds[i]) and the seconds of the call that made them."""
+
+    images: list[Image]
+    seconds: float
+
+
 def image_jobs(group: list[GenerationRequest]) -> list[ImageJob]:
     jobs = []
     for request in group:
@@ -95,19 +103,21 @@ class ImageGenerator:
 
     def generate(
         self, requests: list[GenerationRequest], on_step: StepListener | None = None
-    ) -> list[list[Image] | RequestError]:
-        """Each request's images (or error), in request order; image i was seeded with request.image_seeds[i]."""
-        results: list[list[Image] | RequestError | None] = [None] * len(requests)
+    ) -> list[Generated | RequestError]:
+        """Each request's images (or error), in request order."""
+        results: list[Generated | RequestError | None] = [None] * len(requests)
         for indices in self.groups(requests):
             group = [requests[index] for index in indices]
+            start = time.perf_counter()
             outcome = self.run_group(group, on_step)
+            seconds = time.perf_counter() - start
             if isinstance(outcome, RequestError):
                 for index in indices:
                     results[index] = outcome
                 continue
             images = iter(outcome)
             for index, request in zip(indices, group):
-                results[index] = [next(images) for _ in range(request.image_count)]
+                results[index] = Generated([next(images) for _ in range(request.image_count)], seconds)
         return results
 
     def groups(self, requests: list[GenerationRequest]) -> list[list[int]]:

@@ -15,6 +15,7 @@ from handlers.codecs import JSON, NDJSON, encode_response, progress_line, stream
 from handlers.config import load_handler_config
 from handlers.errors import RequestError
 from handlers.generation import ImageGenerator
+from handlers.metrics import GenerationMetrics
 from handlers.pipelines import (
     apply_memory_options,
     compile_denoiser,
@@ -70,6 +71,7 @@ class DiffusersHandler(BaseHandler):
         if self.config.torch_compile:
             compile_denoiser(self.pipeline, self.config)
             self.warm_up()
+        self.metrics = GenerationMetrics(context.metrics, context.model_name)
         self.enveloped = False
         self.initialized = True
 
@@ -120,11 +122,12 @@ class DiffusersHandler(BaseHandler):
             if isinstance(request, RequestError):
                 outcomes.append(request)
                 continue
-            images = next(generated)
-            outcomes.append(images if isinstance(images, RequestError) else (request, images))
+            result = next(generated)
+            outcomes.append(result if isinstance(result, RequestError) else (request, result))
         return outcomes
 
     def postprocess(self, data):
+        self._record_metrics(data)
         if self.enveloped:
             return self._enveloped_responses(data)
         responses = []
@@ -134,7 +137,8 @@ class DiffusersHandler(BaseHandler):
                 self.context.set_response_content_type(index, JSON)
                 responses.append(outcome.to_json())
                 continue
-            request, images = outcome
+            request, generated = outcome
+            images = generated.images
             body, content_type = stream_result(request, images) if request.stream else encode_response(request, images)
             self.context.set_response_content_type(index, content_type)
             self.context.set_response_header(index, "X-Seed", str(request.seed))
@@ -160,10 +164,21 @@ class DiffusersHandler(BaseHandler):
 
         return on_step
 
+    def _record_metrics(self, data) -> None:
+        for index, outcome in enumerate(data):
+            request_id = self.context.request_ids.get(index, "")
+            if isinstance(outcome, RequestError):
+                self.metrics.record_error(outcome, request_id)
+            else:
+                request, generated = outcome
+                self.metrics.record_images(request, len(generated.images), generated.seconds, request_id)
+
     def _enveloped_responses(self, data):
         """Inside a KServe envelope all instances share one HTTP response, so errors travel as values."""
         responses = [
-            outcome.to_dict() if isinstance(outcome, RequestError) else encode_response(*outcome, enveloped=True)[0]
+            outcome.to_dict()
+            if isinstance(outcome, RequestError)
+            else encode_response(outcome[0], outcome[1].images, enveloped=True)[0]
             for outcome in data
         ]
         errors = [outcome for outcome in data if isinstance(outcome, RequestError)]

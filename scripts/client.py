@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import requests
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+INFERENCE_PORT, MANAGEMENT_PORT = 8080, 8081
 SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpeg", "image/webp": ".webp"}
 
 
@@ -18,6 +20,38 @@ def auth_header(kind: str, key_file: Path) -> dict[str, str]:
     if not key_file.is_file():
         return {}
     return {"Authorization": f"Bearer {json.loads(key_file.read_text())[kind]['key']}"}
+
+
+def key_expired(kind: str, key_file: Path) -> bool:
+    """Whether the key's expiration time in key_file.json has passed (the API key has none)."""
+    expiry = json.loads(key_file.read_text())[kind].get("expiration time")
+    if expiry is None:
+        return False
+    # TorchServe writes Java's Instant, e.g. 2026-11-22T10:00:00.123456Z; seconds are precise enough.
+    expires = datetime.strptime(expiry[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
+    return expires <= datetime.now(timezone.utc)
+
+
+def renew_key(kind: str, key_file: Path, management_url: str) -> None:
+    """Ask TorchServe, with the API key, for a new inference or management key; it rewrites key_file.json."""
+    response = requests.get(
+        f"{management_url}/token", params={"type": kind}, headers=auth_header("API", key_file), timeout=30
+    )
+    response.raise_for_status()
+
+
+def send(method: str, url: str, kind: str, key_file: Path, management_url: str, **kwargs) -> requests.Response:
+    """A request with the current key from key_file.json.
+
+    TorchServe's inference and management keys expire (token_expiration_min, 60 minutes by default)
+    and are refused from then on; an expired key is renewed once and the request sent again.
+    """
+    headers = kwargs.pop("headers", {})
+    response = requests.request(method, url, headers={**headers, **auth_header(kind, key_file)}, **kwargs)
+    if response.status_code == 400 and key_file.is_file() and key_expired(kind, key_file):
+        renew_key(kind, key_file, management_url)
+        response = requests.request(method, url, headers={**headers, **auth_header(kind, key_file)}, **kwargs)
+    return response
 
 
 def images_from_numpy_json(body: str) -> list[Image.Image]:
@@ -54,7 +88,18 @@ def save_response(response: requests.Response, out: Path) -> list[Path]:
 
 
 def add_server_arguments(parser, default_port: int) -> None:
+    """--url is this script's API (inference 8080 or management 8081); the other address is an option too."""
     parser.add_argument("--url", default=f"http://127.0.0.1:{default_port}", help="server address (default: %(default)s)")
+    if default_port == MANAGEMENT_PORT:
+        parser.add_argument(
+            "--inference-url", default=f"http://127.0.0.1:{INFERENCE_PORT}", help="inference API (default: %(default)s)"
+        )
+    else:
+        parser.add_argument(
+            "--management-url",
+            default=f"http://127.0.0.1:{MANAGEMENT_PORT}",
+            help="management API, where expired keys are renewed (default: %(default)s)",
+        )
     parser.add_argument("--model", default="stable_diffusion", help="model name (default: %(default)s)")
     parser.add_argument(
         "--key-file", type=Path, default=REPO_ROOT / "key_file.json", help="TorchServe's key file (default: %(default)s)"

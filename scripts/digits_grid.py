@@ -5,10 +5,9 @@ import argparse
 import io
 from pathlib import Path
 
-import requests
 from PIL import Image, ImageDraw
 
-from client import REPO_ROOT, add_server_arguments, auth_header
+from client import REPO_ROOT, add_server_arguments, send
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -28,11 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     for digit in range(10):
         draw.text((digit * tile + tile // 2 - 12, 3), f'"{digit}"', fill="black")
         for row in range(args.seeds):
-            response = requests.post(
-                f"{args.url}/predictions/{args.model}",
+            response = send(
+                "POST", f"{args.url}/predictions/{args.model}", "inference", args.key_file, args.management_url,
                 json={"prompt": f"a handwritten {WORDS[digit]}" if row % 2 else f"digit {digit}", "seed": row,
                       "output_format": "png"},
-                headers=auth_header("inference", args.key_file),
                 timeout=300,
             )
             response.raise_for_status()

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""TorchServe management API: describe a model, scale its workers, or wait until it is READY."""
+"""TorchServe management API: describe a model, scale its workers, wait until it is READY, or check health."""
 
 import argparse
 import json
@@ -8,22 +8,25 @@ import time
 
 import requests
 
-from client import add_server_arguments, auth_header
+from client import add_server_arguments, send
+
+
+def management(args, method: str, path: str, **kwargs) -> requests.Response:
+    return send(method, f"{args.url}{path}", "management", args.key_file, args.url, **kwargs)
 
 
 def describe(args) -> dict:
-    response = requests.get(
-        f"{args.url}/models/{args.model}", headers=auth_header("management", args.key_file), timeout=30
-    )
+    response = management(args, "GET", f"/models/{args.model}", timeout=30)
     response.raise_for_status()
     return response.json()[0]
 
 
 def scale(args) -> dict:
-    response = requests.put(
-        f"{args.url}/models/{args.model}",
+    response = management(
+        args,
+        "PUT",
+        f"/models/{args.model}",
         params={"min_worker": args.workers, "max_worker": args.workers, "synchronous": "true"},
-        headers=auth_header("management", args.key_file),
         timeout=args.timeout,
     )
     if response.status_code != 200:
@@ -47,6 +50,18 @@ def wait(args) -> dict:
         time.sleep(2)
 
 
+def health(args) -> int:
+    """TorchServe's /ping, which needs the inference key: 0 when Healthy, 1 otherwise (for probes)."""
+    try:
+        response = send("GET", f"{args.inference_url}/ping", "inference", args.key_file, args.url, timeout=10)
+    except (requests.RequestException, FileNotFoundError) as error:
+        print(f"unreachable: {type(error).__name__}: {error}")
+        return 1
+    status = response.json().get("status") if response.headers.get("Content-Type", "").startswith("application/json") else None
+    print(f"{response.status_code} {status or response.text.strip()}")
+    return 0 if response.status_code == 200 and status == "Healthy" else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -56,10 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     scale_parser.add_argument("--timeout", type=float, default=600)
     wait_parser = commands.add_parser("wait", help="wait until a worker is READY")
     wait_parser.add_argument("--timeout", type=float, default=600)
+    commands.add_parser("health", help="exit 0 when /ping answers Healthy (renews an expired key first)")
     for sub in commands.choices.values():
         add_server_arguments(sub, default_port=8081)
     args = parser.parse_args(argv)
 
+    if args.command == "health":
+        return health(args)
     model = {"describe": describe, "scale": scale, "wait": wait}[args.command](args)
     if args.command == "describe":
         print(json.dumps(model, indent=2))

@@ -9,9 +9,7 @@ import base64
 import sys
 from pathlib import Path
 
-import requests
-
-from client import add_server_arguments, auth_header, save_response
+from client import add_server_arguments, save_response, send
 
 PARAMETERS = (
     "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width", "seed",
@@ -58,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in IMAGE_PARAMETERS
         if getattr(args, name) is not None
     }
-    response = requests.post(
-        f"{args.url}/predictions/{args.model}", json=body, headers=auth_header("inference", args.key_file), timeout=3600
+    response = send(
+        "POST", f"{args.url}/predictions/{args.model}", "inference", args.key_file, args.management_url,
+        json=body, timeout=3600,
     )
     if response.status_code != 200:
         print(f"error {response.status_code}: {response.text}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Prompts over real HTTP to a real TorchServe, decoded the way the pytorch/serve example's client does."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -115,3 +116,46 @@ def test_model_api_is_off_but_scaling_works(server):
     workers = scale(1)
     assert len(workers) == 1
     assert workers[0]["status"] == "READY"
+
+
+def scrape(server, name: str, timeout_s: float = 10) -> dict[str, float]:
+    """The samples of one metric family on the metrics port, by their label text; polled because workers
+    report metrics through their log, which the frontend reads asynchronously."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = requests.get(f"{server.metrics_url}/metrics", timeout=10).text
+        samples = {
+            line.split("{", 1)[1].rsplit("}", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name + "{")
+        }
+        if samples or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.5)
+
+
+def test_metrics_port_serves_the_handler_metrics_in_prometheus_format(server):
+    response = server.predict(TINY, json={"prompt": ["a cat", "a dog"], "num_inference_steps": 3, "width": 96})
+    assert response.status_code == 200, response.text
+    assert server.predict(TINY, json={"prompt": "a cat", "num_inference_steps": 1000}).status_code == 400
+
+    images = scrape(server, "diffusion_images_generated")
+    txt2img = [value for labels, value in images.items() if f'ModelName="{TINY}"' in labels and 'Task="txt2img"' in labels]
+    assert txt2img and txt2img[0] >= 2
+    pixels = scrape(server, "diffusion_pixels_generated")
+    assert any(value >= 2 * 96 * 64 for labels, value in pixels.items() if f'ModelName="{TINY}"' in labels)
+    errors = scrape(server, "diffusion_errors")
+    assert any('Kind="invalid_request"' in labels and value >= 1 for labels, value in errors.items())
+    steps = scrape(server, "diffusion_steps_per_request_sum")
+    assert any(value >= 3 for value in steps.values())
+    seconds = scrape(server, "diffusion_generation_seconds_count")
+    assert any(value >= 1 for value in seconds.values())
+    text = requests.get(f"{server.metrics_url}/metrics", timeout=10).text  # the metrics port needs no token
+    for family, kind in [
+        ("diffusion_images_generated", "counter"),
+        ("diffusion_pixels_generated", "counter"),
+        ("diffusion_errors", "counter"),
+        ("diffusion_steps_per_request", "histogram"),
+        ("diffusion_generation_seconds", "histogram"),
+    ]:
+        assert f"# TYPE {family} {kind}" in text
