@@ -33,12 +33,14 @@ class TorchServe:
         models: dict[str, str],
         token_auth: bool = True,
         extra_config: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
     ):
         self.workdir = workdir
         self.model_store = model_store
         self.models = models
         self.token_auth = token_auth
         self.extra_config = extra_config or {}
+        self.env = env or {}
         self.ports = {"inference": free_port(), "management": free_port(), "metrics": free_port()}
         self.process: subprocess.Popen | None = None
 
@@ -62,8 +64,10 @@ class TorchServe:
             "model_store": str(self.model_store),
             "load_models": ",".join(f"{name}={file}" for name, file in self.models.items()),
             "disable_token_authorization": str(not self.token_auth).lower(),
-            # Worker ports must not collide with another TorchServe on this machine.
+            # Worker and gRPC ports must not collide with another TorchServe on this machine.
             "initial_worker_port": str(free_port()),
+            "grpc_inference_port": str(free_port()),
+            "grpc_management_port": str(free_port()),
             **self.extra_config,
         }
         lines = []
@@ -79,7 +83,7 @@ class TorchServe:
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.write_config()
         # A private temp dir gives this server its own pid file, so a TorchServe the user runs is untouched.
-        env = {**os.environ, "TMPDIR": str(self.workdir), "TEMP": str(self.workdir)}
+        env = {**os.environ, **self.env, "TMPDIR": str(self.workdir), "TEMP": str(self.workdir)}
         self.log = open(self.workdir / "torchserve.out", "wb")
         self.process = subprocess.Popen(
             [str(TORCHSERVE), "--start", "--foreground", "--ncs", "--ts-config", str(config)],

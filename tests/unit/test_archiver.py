@@ -22,7 +22,7 @@ def test_archive_holds_pipeline_handler_package_and_model_config(tmp_path, tiny_
     with zipfile.ZipFile(tmp_path / "store" / "m.mar") as archive:
         names = set(archive.namelist())
         config = yaml.safe_load(archive.read("model-config.yaml"))
-    assert {"model_index.json", "handler.py", "handlers/request.py", "MAR-INF/MANIFEST.json"} <= names
+    assert {"model_index.json", "handler.py", "handlers/request.py", "handlers/metrics.yaml", "MAR-INF/MANIFEST.json"} <= names
     assert config["minWorkers"] == config["maxWorkers"] == 1
     assert config["batchSize"] == 4
     assert {"maxBatchDelay", "responseTimeout", "startupTimeout"} <= set(config)
