@@ -1,10 +1,13 @@
 """One TorchServe per test module, serving archives built by our own archiver CLI."""
 
+import base64
+import io
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from archiver.server import REPO_ROOT, TorchServe
 
@@ -41,3 +44,18 @@ def server(tmp_path_factory, model_store):
         yield torchserve
     finally:
         torchserve.stop()
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def bomb() -> bytes:
+    """A few hundred kB of PNG that decodes to 20000 x 20000 pixels."""
+    return png(Image.new("L", (20000, 20000)))

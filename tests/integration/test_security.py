@@ -38,10 +38,10 @@ def with_requirements(source, target):
     return target
 
 
-def health(server, *options) -> subprocess.CompletedProcess:
+def health(server) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "scripts/manage.py", "health", "--url", server.management_url,
-         "--inference-url", server.inference_url, "--key-file", str(server.workdir / "key_file.json"), *options],
+         "--inference-url", server.inference_url, "--key-file", str(server.workdir / "key_file.json")],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
     )
 

@@ -12,7 +12,7 @@ import requests
 from PIL import Image
 
 from archiver.server import REPO_ROOT, TorchServe
-from tests.integration.conftest import build_archive
+from tests.integration.conftest import b64, bomb, build_archive, png
 
 SD = "adapters_sd"  # tiny SD with a canny ControlNet and two LoRA adapters
 SDXL = "tiny_sdxl"  # tiny SDXL with its refiner
@@ -33,16 +33,6 @@ def server(tmp_path_factory):
         yield torchserve
     finally:
         torchserve.stop()
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 START = png(Image.new("RGB", (64, 64), (200, 30, 30)))
@@ -83,12 +73,6 @@ def test_inpaint_from_multipart_parts(server):
     files = {"image": ("start.png", START, "image/png"), "mask_image": ("mask.png", MASK, "image/png")}
     response = server.predict(SD, files=files, data={"prompt": "a red square", "task": "inpaint", "seed": "9"})
     assert image_of(response).shape == (64, 64, 3)
-
-
-def bomb() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("L", (20000, 20000)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.mark.parametrize(

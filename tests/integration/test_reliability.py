@@ -1,0 +1,182 @@
+"""Faults and load against a real TorchServe on loopback: bad inputs, a killed worker, a full queue, a soak.
+
+Bounded in count and in time: every request has a client timeout, and the soak is 500 requests.
+"""
+
+import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import pytest
+import requests
+from PIL import Image
+
+from archiver.server import TorchServe
+from tests.integration.conftest import b64, bomb, build_archive, png
+
+MODEL = "soak_sd"
+VALID = {"prompt": "a red square", "seed": 1}
+START = png(Image.new("RGB", (64, 64), (200, 30, 30)))
+# TorchServe's default max_request_size (6,553,500 bytes), which config.properties keeps.
+MAX_REQUEST_BYTES = 6_553_500
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    store = tmp_path_factory.mktemp("reliability-store")
+    build_archive(
+        store, MODEL, "--source", "tiny", "--height", "64", "--width", "64", "--num-inference-steps", "2",
+        "--batch-size", "4", "--max-batch-delay", "50",
+    )
+    return store
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, store):
+    torchserve = TorchServe(tmp_path_factory.mktemp("torchserve-reliability"), store, {MODEL: f"{MODEL}.mar"})
+    torchserve.start()
+    try:
+        yield torchserve
+    finally:
+        torchserve.stop()
+
+
+def worker_pid(server) -> int:
+    [worker] = server.describe(MODEL)["workers"]
+    return worker["pid"]
+
+
+def post_json_text(server, text: str) -> requests.Response:
+    return server.predict(MODEL, data=text.encode(), headers={"Content-Type": "application/json"})
+
+
+def with_fields(**fields) -> str:
+    return json.dumps({"prompt": "a red square", **fields})
+
+
+# (body sent as application/json unless bytes with a content type, expected status, field named in the error)
+BAD_INPUTS = {
+    "empty prompt": (with_fields(prompt=""), 400, "prompt"),
+    "blank text/plain prompt": ((b"   ", "text/plain"), 400, "prompt"),
+    "100 kB prompt": (with_fields(prompt="a" * 100_000), 400, "prompt"),
+    "malformed JSON": ('{"prompt": "a cat"', 400, "body"),
+    "JSON that is not an object": ("[1, 2, 3]", 400, "body"),
+    "prompt of the wrong type": (with_fields(prompt=42), 400, "prompt"),
+    "steps of the wrong type": (with_fields(num_inference_steps="many"), 400, "num_inference_steps"),
+    "zero steps": (with_fields(num_inference_steps=0), 400, "num_inference_steps"),
+    "too many steps": (with_fields(num_inference_steps=1000), 400, "num_inference_steps"),
+    "height out of range": (with_fields(height=4096), 400, "height"),
+    "width not a multiple of 8": (with_fields(width=100), 400, "width"),
+    "size over max_pixels": (with_fields(height=2048, width=2048), 413, "height"),
+    "negative guidance": (with_fields(guidance_scale=-1), 400, "guidance_scale"),
+    "guidance out of range": (with_fields(guidance_scale=1e6), 400, "guidance_scale"),
+    "NaN guidance": ('{"prompt": "a cat", "guidance_scale": NaN}', 400, "guidance_scale"),
+    "Infinity strength": ('{"prompt": "a cat", "image": "%s", "strength": Infinity}' % b64(START), 400, "strength"),
+    "unknown scheduler": (with_fields(scheduler="warp_drive"), 400, "scheduler"),
+    "unknown output format": (with_fields(output_format="gif"), 400, "output_format"),
+    "unknown field": (with_fields(prompts="a cat"), 400, "prompts"),
+    "negative seed": (with_fields(seed=-1), 400, "seed"),
+    "seed over 2^32-1": (with_fields(seed=2**32), 400, "seed"),
+    "huge num_images_per_prompt": (with_fields(num_images_per_prompt=10**9), 400, "num_images_per_prompt"),
+    "too many images in one request": (with_fields(prompt=["a cat"] * 8, num_images_per_prompt=8), 413, "num_images_per_prompt"),
+    "bad base64 image": (with_fields(image="%%% not base64 %%%"), 400, "image"),
+    "bytes that are not an image": (with_fields(image=b64(b"GIF89a but not really")), 400, "image"),
+    "decompression bomb": (with_fields(image=b64(bomb())), 413, "image"),
+    "mismatched mask": (with_fields(image=b64(START), mask_image=b64(png(Image.new("L", (32, 64))))), 400, "mask_image"),
+    "image with task txt2img": (with_fields(task="txt2img", image=b64(START)), 400, "task"),
+    "unknown controlnet": (with_fields(controlnet="canny", control_image=b64(START)), 400, "controlnet"),
+    "body that is not UTF-8": ((b"\xff\xfe\xfa", "text/plain"), 400, "prompt"),
+}
+
+
+@pytest.mark.parametrize("body, status, field", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input_gets_its_4xx_and_the_same_worker_serves_the_next_request(server, body, status, field):
+    pid = worker_pid(server)
+    if isinstance(body, tuple):
+        data, content_type = body
+        response = server.predict(MODEL, data=data, headers={"Content-Type": content_type})
+    else:
+        response = post_json_text(server, body)
+    assert response.status_code == status, response.text
+    error = response.json()
+    assert error["field"] == field, error
+    assert error["error"]
+    assert server.predict(MODEL, json=VALID).status_code == 200
+    assert worker_pid(server) == pid
+
+
+def test_a_body_over_the_size_limit_gets_413_and_the_worker_keeps_serving(server):
+    pid = worker_pid(server)
+    response = server.predict(MODEL, json={"prompt": "a cat", "image": "A" * (MAX_REQUEST_BYTES + 1)})
+    # TorchServe's frontend (Netty) refuses it before any worker sees it, with an empty body.
+    assert (response.status_code, response.content) == (413, b"")
+    assert server.predict(MODEL, json=VALID).status_code == 200
+    assert worker_pid(server) == pid
+
+
+def test_soak_500_requests_at_concurrency_8(server):
+    worker = psutil.Process(worker_pid(server))
+    statuses: list[int] = []
+    rss_at: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def one(number: int) -> None:
+        response = server.predict(MODEL, json={"prompt": f"a red square {number % 7}", "seed": number})
+        with lock:
+            statuses.append(response.status_code if response.content.startswith(b"[[[") else -response.status_code)
+            if len(statuses) in (100, 500):
+                rss_at[len(statuses)] = worker.memory_info().rss
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(500)))
+    unexpected = [status for status in statuses if status != 200]
+    assert len(statuses) == 500 and unexpected == []
+    growth = rss_at[500] / rss_at[100] - 1
+    print(f"worker RSS {rss_at[100] / 2**20:.0f} MiB at request 100, {rss_at[500] / 2**20:.0f} MiB at 500 ({growth:+.1%})")
+    assert growth < 0.10
+
+
+def test_a_killed_worker_is_restarted_and_the_next_request_succeeds(server):
+    pid = worker_pid(server)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 180
+    while True:
+        workers = server.describe(MODEL)["workers"]
+        if workers and workers[0]["status"] == "READY" and workers[0]["pid"] not in (pid, -1):
+            break
+        assert time.monotonic() < deadline, f"no new READY worker after kill -9: {workers}"
+        time.sleep(0.5)
+    assert server.predict(MODEL, json=VALID).status_code == 200
+
+
+def test_a_full_queue_answers_503_quickly_and_every_accepted_request_completes(tmp_path, store):
+    torchserve = TorchServe(tmp_path, store, {MODEL: f"{MODEL}.mar"}, extra_config={"job_queue_size": "2"})
+    torchserve.start()
+    try:
+        clients = 16
+        barrier = threading.Barrier(clients)
+
+        def one(number: int) -> tuple[int, float, bytes]:
+            barrier.wait()
+            sent = time.monotonic()
+            # Enough steps that accepted requests are still running while the rest arrive.
+            response = torchserve.predict(MODEL, json={"prompt": "a cat", "seed": number, "num_inference_steps": 150})
+            return response.status_code, time.monotonic() - sent, response.content
+
+        with ThreadPoolExecutor(clients) as pool:
+            results = list(pool.map(one, range(clients)))  # predict() times out after 300 s: none hang
+        accepted = [finished for status, finished, body in results if status == 200 and body.startswith(b"[[[")]
+        refused = [finished for status, finished, body in results if status == 503]
+        assert len(accepted) + len(refused) == clients, [status for status, _, _ in results]
+        assert accepted and refused
+        print(f"{len(accepted)} accepted (slowest {max(accepted):.2f} s), {len(refused)} refused with 503 "
+              f"(slowest {max(refused):.2f} s)")
+        # "Quickly": every refusal came back before the first accepted request finished generating.
+        assert max(refused) < min(accepted)
+        assert torchserve.predict(MODEL, json=VALID).status_code == 200
+    finally:
+        torchserve.stop()
