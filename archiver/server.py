@@ -24,7 +24,8 @@ def free_port() -> int:
 
 
 class TorchServe:
-    """Starts TorchServe in the foreground in its own process group, from the repo's config.properties."""
+    """Starts TorchServe in the foreground in its own process group, from the repo's config.properties
+    (or base_config) with every address moved to a free loopback port."""
 
     def __init__(
         self,
@@ -34,6 +35,7 @@ class TorchServe:
         token_auth: bool = True,
         extra_config: dict[str, str] | None = None,
         env: dict[str, str] | None = None,
+        base_config: Path = REPO_ROOT / "config.properties",
     ):
         self.workdir = workdir
         self.model_store = model_store
@@ -41,6 +43,7 @@ class TorchServe:
         self.token_auth = token_auth
         self.extra_config = extra_config or {}
         self.env = env or {}
+        self.base_config = base_config
         self.ports = {"inference": free_port(), "management": free_port(), "metrics": free_port()}
         self.process: subprocess.Popen | None = None
 
@@ -71,7 +74,7 @@ class TorchServe:
             **self.extra_config,
         }
         lines = []
-        for line in (REPO_ROOT / "config.properties").read_text().splitlines():
+        for line in self.base_config.read_text().splitlines():
             key = line.split("=", 1)[0].strip()
             lines.append(f"{key}={overrides.pop(key)}" if key in overrides else line)
         lines += [f"{key}={value}" for key, value in overrides.items()]

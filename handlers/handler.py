@@ -89,6 +89,14 @@ class DiffusersHandler(BaseHandler):
         return super().handle(data, context)
 
     def preprocess(self, data):
+        if self.enveloped and not data:
+            return [
+                RequestError(
+                    'the KServe envelope found nothing to generate: send {"instances": [...]} (v1) '
+                    'or {"inputs": [...]} (v2), whichever service_envelope the server runs',
+                    field="body",
+                )
+            ]
         if self.enveloped and is_v2_inputs(data):
             data = [merge_v2_inputs(data)]  # the kservev2 envelope splits one request into its inputs
         requests = []

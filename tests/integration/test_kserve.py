@@ -1,0 +1,149 @@
+"""KServe v1/v2 envelopes against TorchServe started from kserve/config.properties, which the KServe
+wrapper (pytorch/torchserve-kfs) fronts in an InferenceService: the wrapper forwards each KServe
+request body to /predictions/<model>, as these tests do."""
+
+import base64
+import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from archiver.server import REPO_ROOT, TorchServe
+from tests.integration.conftest import build_archive
+
+KSERVE_CONFIG = REPO_ROOT / "kserve" / "config.properties"
+MODEL = "stable_diffusion"  # the name kserve/config.properties' model_snapshot registers
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    store = tmp_path_factory.mktemp("kserve") / "model-store"
+    store.mkdir()
+    # Batch size 4 in the archive: the snapshot's batchSize 1 must win, since TorchServe's envelopes
+    # answer one request per batch.
+    build_archive(
+        store, MODEL, "--source", "tiny", "--height", "64", "--width", "64", "--num-inference-steps", "2",
+        "--batch-size", "4", "--max-batch-delay", "200",
+    )
+    return store
+
+
+def start(tmp_path_factory, store, envelope: str) -> TorchServe:
+    torchserve = TorchServe(
+        tmp_path_factory.mktemp(f"torchserve-{envelope}"),
+        store,
+        {MODEL: f"{MODEL}.mar"},
+        token_auth=False,  # as shipped: only the wrapper, on loopback in the pod, calls TorchServe
+        base_config=KSERVE_CONFIG,
+        extra_config={} if envelope == "kservev2" else {"service_envelope": envelope},
+    )
+    return torchserve.start()
+
+
+@pytest.fixture(scope="module")
+def v1(tmp_path_factory, store):
+    torchserve = start(tmp_path_factory, store, "kserve")
+    try:
+        yield torchserve
+    finally:
+        torchserve.stop()
+
+
+@pytest.fixture(scope="module")
+def v2(tmp_path_factory, store):
+    torchserve = start(tmp_path_factory, store, "kservev2")
+    try:
+        yield torchserve
+    finally:
+        torchserve.stop()
+
+
+def post(server, body: dict) -> requests.Response:
+    return requests.post(f"{server.inference_url}/predictions/{MODEL}", json=body, timeout=300)
+
+
+def png_of(document: dict) -> Image.Image:
+    assert document["content_type"] == "image/png"
+    [encoded] = document["images"]
+    return Image.open(io.BytesIO(base64.b64decode(encoded)))
+
+
+def test_the_shipped_config_keeps_the_secure_settings():
+    settings = dict(line.split("=", 1) for line in KSERVE_CONFIG.read_text().splitlines() if "=" in line and line[0] != "#")
+    assert settings["inference_address"].startswith("http://127.0.0.1:")
+    assert settings["management_address"].startswith("http://127.0.0.1:")
+    assert settings["grpc_inference_address"] == settings["grpc_management_address"] == "127.0.0.1"
+    assert (settings["enable_envvars_config"], settings["enable_model_api"], settings["install_py_dep_per_model"]) == (
+        "false", "false", "false"
+    )
+    assert settings["service_envelope"] == "kservev2"
+
+
+def test_v1_instances_each_get_their_prediction_and_a_bad_one_fails_alone(v1):
+    response = post(v1, {"instances": [
+        {"data": "a photo of an astronaut"},
+        {"prompt": "a red square", "seed": 3, "output_format": "png"},
+        {"prompt": "a cat", "num_inference_steps": 1000},
+    ]})
+    assert response.status_code == 200, response.text
+    numpy_list, document, error = response.json()["predictions"]
+    assert np.array(numpy_list, dtype="uint8").shape == (64, 64, 3)
+    assert document["seeds"] == [3] and png_of(document).size == (64, 64)
+    assert error["field"] == "num_inference_steps" and error["allowed"]["maximum"] == 150
+
+
+def test_v1_all_bad_instances_answer_400(v1):
+    response = post(v1, {"instances": [{"prompt": ""}]})
+    assert response.status_code == 400
+    assert response.json()["predictions"][0]["field"] == "prompt"
+    wrong_protocol = post(v1, {"inputs": [{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["a cat"]}]})
+    assert wrong_protocol.status_code == 400
+    assert "instances" in wrong_protocol.json()["predictions"][0]["error"]
+
+
+def test_v1_concurrent_requests_are_not_mixed_up(v1):
+    seeds = [11, 12, 13, 14]
+    barrier = threading.Barrier(len(seeds))
+
+    def one(seed: int) -> list[int]:
+        barrier.wait()
+        response = post(v1, {"instances": [{"prompt": "a cat", "seed": seed, "output_format": "json"}]})
+        assert response.status_code == 200, response.text
+        return response.json()["predictions"][0]["seeds"]
+
+    with ThreadPoolExecutor(len(seeds)) as pool:
+        assert list(pool.map(one, seeds)) == [[seed] for seed in seeds]
+
+
+def test_v2_named_inputs_become_one_generation(v2):
+    response = post(v2, {"id": "request-1", "inputs": [
+        {"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["a red square"]},
+        {"name": "seed", "shape": [1], "datatype": "INT64", "data": [7]},
+        {"name": "output_format", "shape": [1], "datatype": "BYTES", "data": ["png"]},
+    ]})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["id"], body["model_name"]) == ("request-1", MODEL)
+    [output] = body["outputs"]
+    [document] = output["data"]
+    assert document["seeds"] == [7] and png_of(document).size == (64, 64)
+
+
+def test_v2_bad_input_answers_400_and_the_next_request_succeeds(v2):
+    response = post(v2, {"id": "bad", "inputs": [
+        {"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["a cat"]},
+        {"name": "num_inference_steps", "shape": [1], "datatype": "INT64", "data": [1000]},
+    ]})
+    assert response.status_code == 400
+    [output] = response.json()["outputs"]
+    assert output["data"][0]["field"] == "num_inference_steps"
+    plain = post(v2, {"id": "ok", "inputs": [{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["a cat"]}]})
+    assert plain.status_code == 200
+    [output] = plain.json()["outputs"]
+    # TorchServe's kservev2 envelope flattens every output, so the numpy list arrives as H*W*3 values.
+    assert output["shape"] == [64 * 64 * 3]
+    assert np.array(output["data"], dtype="uint8").reshape(64, 64, 3).std() > 0
