@@ -49,15 +49,17 @@ def zip_directory(source: Path, zip_path: Path, prefix: str = "") -> Path:
     return zip_path
 
 
-def make_context(model_dir: Path, handler_section: dict | None = None, batch_size: int = 1) -> Context:
-    """The Context TorchServe gives a worker, as built by ts.model_loader."""
+def make_context(
+    model_dir: Path, handler_section: dict | None = None, batch_size: int = 1, gpu_id: int | None = None
+) -> Context:
+    """The Context TorchServe gives a worker, as built by ts.model_loader; gpu_id None is a CPU worker."""
     model_yaml_config = {"batchSize": batch_size, "handler": handler_section or {}}
     manifest = {"model": {"modelName": "tiny", "handler": "handler.py"}}
     metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
     metrics.initialize_cache()
     metrics.model_name = "tiny"
     return Context(
-        "tiny", str(model_dir), manifest, batch_size, None, "0.12.0", metrics=metrics, model_yaml_config=model_yaml_config
+        "tiny", str(model_dir), manifest, batch_size, gpu_id, "0.12.0", metrics=metrics, model_yaml_config=model_yaml_config
     )
 
 

@@ -29,8 +29,8 @@ def run_json(handler, context, *bodies, accept=None):
                [{"Accept": accept}] * len(bodies) if accept else None)
 
 
-def serve(pipeline_dir, **handler_section):
-    context = make_context(pipeline_dir, {**SMALL, **handler_section}, batch_size=4)
+def serve(pipeline_dir, gpu_id=None, **handler_section):
+    context = make_context(pipeline_dir, {**SMALL, **handler_section}, batch_size=4, gpu_id=gpu_id)
     handler = DiffusersHandler()
     handler.initialize(context)
     return handler, context

@@ -60,7 +60,7 @@ def test_model_cpu_offload_keeps_weights_on_the_cpu_until_used(tiny_pipeline_dir
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="sequential offload installs CUDA-only hooks; no GPU here")
 def test_sequential_cpu_offload_moves_layers_as_they_run(tiny_pipeline_dir):
-    handler, _ = served = serve(tiny_pipeline_dir, cpu_offload="sequential")
+    handler, _ = served = serve(tiny_pipeline_dir, gpu_id=0, cpu_offload="sequential")
     assert type(handler.pipeline.unet._hf_hook).__name__ == "AlignDevicesHook"
     assert generates(served)
 
