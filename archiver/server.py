@@ -153,6 +153,12 @@ class TorchServe:
         except psutil.NoSuchProcess:
             return []
 
+    def __enter__(self) -> "TorchServe":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
     def stop(self) -> None:
         """Stop the whole process group and fail loudly if anything survives."""
         if self.process is None:

@@ -32,8 +32,8 @@ def store(tmp_path_factory):
     return store
 
 
-def start(tmp_path_factory, store, envelope: str) -> TorchServe:
-    torchserve = TorchServe(
+def kserve_server(tmp_path_factory, store, envelope: str) -> TorchServe:
+    return TorchServe(
         tmp_path_factory.mktemp(f"torchserve-{envelope}"),
         store,
         {MODEL: f"{MODEL}.mar"},
@@ -41,25 +41,18 @@ def start(tmp_path_factory, store, envelope: str) -> TorchServe:
         base_config=KSERVE_CONFIG,
         extra_config={} if envelope == "kservev2" else {"service_envelope": envelope},
     )
-    return torchserve.start()
 
 
 @pytest.fixture(scope="module")
 def v1(tmp_path_factory, store):
-    torchserve = start(tmp_path_factory, store, "kserve")
-    try:
+    with kserve_server(tmp_path_factory, store, "kserve") as torchserve:
         yield torchserve
-    finally:
-        torchserve.stop()
 
 
 @pytest.fixture(scope="module")
 def v2(tmp_path_factory, store):
-    torchserve = start(tmp_path_factory, store, "kservev2")
-    try:
+    with kserve_server(tmp_path_factory, store, "kservev2") as torchserve:
         yield torchserve
-    finally:
-        torchserve.stop()
 
 
 def post(server, body: dict) -> requests.Response:

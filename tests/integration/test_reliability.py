@@ -37,12 +37,8 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, store):
-    torchserve = TorchServe(tmp_path_factory.mktemp("torchserve-reliability"), store, {MODEL: f"{MODEL}.mar"})
-    torchserve.start()
-    try:
+    with TorchServe(tmp_path_factory.mktemp("torchserve-reliability"), store, {MODEL: f"{MODEL}.mar"}) as torchserve:
         yield torchserve
-    finally:
-        torchserve.stop()
 
 
 def worker_pid(server) -> int:
@@ -75,7 +71,7 @@ BAD_INPUTS = {
     "negative guidance": (with_fields(guidance_scale=-1), 400, "guidance_scale"),
     "guidance out of range": (with_fields(guidance_scale=1e6), 400, "guidance_scale"),
     "NaN guidance": ('{"prompt": "a cat", "guidance_scale": NaN}', 400, "guidance_scale"),
-    "Infinity strength": ('{"prompt": "a cat", "image": "%s", "strength": Infinity}' % b64(START), 400, "strength"),
+    "Infinity strength": (f'{{"prompt": "a cat", "image": "{b64(START)}", "strength": Infinity}}', 400, "strength"),
     "unknown scheduler": (with_fields(scheduler="warp_drive"), 400, "scheduler"),
     "unknown output format": (with_fields(output_format="gif"), 400, "output_format"),
     "unknown field": (with_fields(prompts="a cat"), 400, "prompts"),

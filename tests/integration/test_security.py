@@ -51,14 +51,9 @@ def hardened(tmp_path_factory, model_store):
     store = tmp_path_factory.mktemp("hardened") / "model-store"
     store.mkdir()
     with_requirements(model_store / f"{TINY}.mar", store / f"{TINY}.mar")
-    torchserve = TorchServe(
-        tmp_path_factory.mktemp("torchserve-hardened"), store, {TINY: f"{TINY}.mar"}, env=HOSTILE_ENVIRONMENT
-    )
-    torchserve.start()
-    try:
+    workdir = tmp_path_factory.mktemp("torchserve-hardened")
+    with TorchServe(workdir, store, {TINY: f"{TINY}.mar"}, env=HOSTILE_ENVIRONMENT) as torchserve:
         yield torchserve
-    finally:
-        torchserve.stop()
 
 
 def test_environment_variables_cannot_loosen_the_config(hardened):
