@@ -154,7 +154,7 @@ class TorchServe:
             return []
 
     def __enter__(self) -> "TorchServe":
-        return self.start() if self.process is None else self
+        return self.start()
 
     def __exit__(self, *exc_info) -> None:
         self.stop()

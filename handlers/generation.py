@@ -129,7 +129,7 @@ class ImageGenerator:
     def run_group(self, group: list[GenerationRequest], on_step: StepListener | None = None) -> list[Image] | RequestError:
         first = group[0]
         jobs = image_jobs(group)
-        if first.task != "txt2img" and int(first.num_inference_steps * first.effective_strength) < 1:
+        if first.denoising_steps < 1:
             # Strength this low leaves no denoising step: the input image is the answer.
             return [job.image for job in jobs]
         try:

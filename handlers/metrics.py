@@ -12,18 +12,10 @@ from handlers.request import GenerationRequest
 DECLARATIONS = Path(__file__).with_name("metrics.yaml")
 
 
-def denoising_steps(request: GenerationRequest) -> int:
-    """The steps actually run: img2img and inpaint skip the first (1 - strength) of the schedule."""
-    if request.task == "txt2img":
-        return request.num_inference_steps
-    return min(int(request.num_inference_steps * request.effective_strength), request.num_inference_steps)
-
-
 class GenerationMetrics:
     """Records each answered request in TorchServe's metric cache, which emits it to the frontend."""
 
     def __init__(self, cache: MetricCacheAbstract, model_name: str):
-        self.cache = cache
         self.model_name = model_name
         self.metrics = {}
         declared = yaml.safe_load(DECLARATIONS.read_text())["model_metrics"]
@@ -37,7 +29,7 @@ class GenerationMetrics:
         labels = [self.model_name, request.task]
         self._add("diffusion_images_generated", image_count, labels, request_id)
         self._add("diffusion_pixels_generated", image_count * request.width * request.height, labels, request_id)
-        self._add("diffusion_steps_per_request", denoising_steps(request), labels, request_id)
+        self._add("diffusion_steps_per_request", request.denoising_steps, labels, request_id)
         self._add("diffusion_generation_seconds", round(seconds, 6), labels, request_id)
 
     def record_error(self, error: RequestError, request_id: str) -> None:

@@ -101,6 +101,13 @@ class GenerationRequest(GenerationDefaults):
             return self.strength
         return 1.0 if self.task == "inpaint" else 0.8
 
+    @property
+    def denoising_steps(self) -> int:
+        """The steps that run: img2img and inpaint skip the first (1 - strength) of the schedule."""
+        if self.task == "txt2img":
+            return self.num_inference_steps
+        return min(int(self.num_inference_steps * self.effective_strength), self.num_inference_steps)
+
 
 def parse_request(
     row: Any,

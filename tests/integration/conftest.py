@@ -46,6 +46,12 @@ def server(tmp_path_factory, model_store):
         torchserve.stop()
 
 
+def read_properties(path: Path) -> dict[str, str]:
+    """The key=value settings of a TorchServe config.properties file."""
+    lines = [line for line in path.read_text().splitlines() if "=" in line and not line.startswith("#")]
+    return dict(line.split("=", 1) for line in lines)
+
+
 def png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

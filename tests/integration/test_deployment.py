@@ -10,7 +10,7 @@ import requests
 import yaml
 
 from archiver.server import REPO_ROOT, TorchServe
-from tests.integration.conftest import TINY
+from tests.integration.conftest import TINY, read_properties
 
 DOCKER_CONFIG = REPO_ROOT / "docker" / "config.properties"
 SECURE_SETTINGS = (
@@ -19,31 +19,22 @@ SECURE_SETTINGS = (
 )
 
 
-def settings(path) -> dict[str, str]:
-    lines = [line for line in path.read_text().splitlines() if "=" in line and not line.startswith("#")]
-    return dict(line.split("=", 1) for line in lines)
-
-
 def dockerfile_steps(path) -> list[tuple[str, str]]:
     return [tuple(line.split(maxsplit=1)) for line in path.read_text().splitlines() if re.match(r"^[A-Z]+ ", line)]
 
 
 def test_the_container_config_has_the_same_secure_settings_as_the_local_one():
-    local, container = settings(REPO_ROOT / "config.properties"), settings(DOCKER_CONFIG)
+    local, container = read_properties(REPO_ROOT / "config.properties"), read_properties(DOCKER_CONFIG)
     assert {key: container[key] for key in SECURE_SETTINGS} == {key: local[key] for key in SECURE_SETTINGS}
 
 
 def test_the_container_config_serves_a_mar_with_token_auth(tmp_path, model_store):
-    torchserve = TorchServe(tmp_path, model_store, {TINY: f"{TINY}.mar"}, base_config=DOCKER_CONFIG)
-    torchserve.start()
-    try:
+    with TorchServe(tmp_path, model_store, {TINY: f"{TINY}.mar"}, base_config=DOCKER_CONFIG) as torchserve:
         url = f"{torchserve.inference_url}/predictions/{TINY}"
         assert requests.post(url, data="a cat", timeout=60).status_code == 400  # no token
         response = torchserve.predict(TINY, data="a cat", headers={"Content-Type": "text/plain"})
         assert response.status_code == 200, response.text
         assert len(json.loads(response.text)) == 64
-    finally:
-        torchserve.stop()
 
 
 @pytest.mark.parametrize("dockerfile", ["docker/Dockerfile", "kserve/Dockerfile"])
@@ -62,7 +53,7 @@ def test_the_container_starts_torchserve_with_its_config():
     command = json.loads(next(argument for instruction, argument in steps if instruction == "CMD"))
     assert command[command.index("--ts-config") + 1] == config_destination
     assert "--foreground" in command  # TorchServe stays the container's main process
-    assert settings(DOCKER_CONFIG)["model_store"] in (REPO_ROOT / "docker" / "Dockerfile").read_text()
+    assert read_properties(DOCKER_CONFIG)["model_store"] in (REPO_ROOT / "docker" / "Dockerfile").read_text()
     bases = [argument for instruction, argument in steps if instruction == "ARG" and argument.startswith("BASE_IMAGE")]
     assert bases == ["BASE_IMAGE=debian:bookworm-slim"]  # CPU by default; the CUDA base is a build argument
     assert "nvidia/cuda:" in (REPO_ROOT / "docker" / "Dockerfile").read_text()
@@ -76,6 +67,6 @@ def test_kserve_manifests_use_torchserve_with_their_protocol(protocol):
     assert model["modelFormat"]["name"] == "pytorch"  # KServe's TorchServe runtime
     assert model["protocolVersion"] == protocol
     assert model["storageUri"] and model["image"]
-    snapshot = json.loads(settings(REPO_ROOT / "kserve" / "config.properties")["model_snapshot"])
+    snapshot = json.loads(read_properties(REPO_ROOT / "kserve" / "config.properties")["model_snapshot"])
     assert list(snapshot["models"]) == ["stable_diffusion"]
     assert snapshot["models"]["stable_diffusion"]["1.0"]["batchSize"] == 1

@@ -13,7 +13,7 @@ import requests
 from PIL import Image
 
 from archiver.server import REPO_ROOT, TorchServe
-from tests.integration.conftest import build_archive
+from tests.integration.conftest import build_archive, read_properties
 
 KSERVE_CONFIG = REPO_ROOT / "kserve" / "config.properties"
 MODEL = "stable_diffusion"  # the name kserve/config.properties' model_snapshot registers
@@ -66,7 +66,7 @@ def png_of(document: dict) -> Image.Image:
 
 
 def test_the_shipped_config_keeps_the_secure_settings():
-    settings = dict(line.split("=", 1) for line in KSERVE_CONFIG.read_text().splitlines() if "=" in line and line[0] != "#")
+    settings = read_properties(KSERVE_CONFIG)
     assert settings["inference_address"].startswith("http://127.0.0.1:")
     assert settings["management_address"].startswith("http://127.0.0.1:")
     assert settings["grpc_inference_address"] == settings["grpc_management_address"] == "127.0.0.1"

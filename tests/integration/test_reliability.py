@@ -150,9 +150,7 @@ def test_a_killed_worker_is_restarted_and_the_next_request_succeeds(server):
 
 
 def test_a_full_queue_answers_503_quickly_and_every_accepted_request_completes(tmp_path, store):
-    torchserve = TorchServe(tmp_path, store, {MODEL: f"{MODEL}.mar"}, extra_config={"job_queue_size": "2"})
-    torchserve.start()
-    try:
+    with TorchServe(tmp_path, store, {MODEL: f"{MODEL}.mar"}, extra_config={"job_queue_size": "2"}) as torchserve:
         clients = 16
         barrier = threading.Barrier(clients)
 
@@ -174,5 +172,3 @@ def test_a_full_queue_answers_503_quickly_and_every_accepted_request_completes(t
         # "Quickly": every refusal came back before the first accepted request finished generating.
         assert max(refused) < min(accepted)
         assert torchserve.predict(MODEL, json=VALID).status_code == 200
-    finally:
-        torchserve.stop()

@@ -96,10 +96,8 @@ def test_health_check_fails_when_the_server_is_down(tmp_path):
 
 def test_expired_keys_are_refused_and_the_scripts_renew_them(tmp_path):
     # Keys live 3 seconds here instead of 60 minutes.
-    torchserve = TorchServe(tmp_path, tmp_path / "model-store", {}, extra_config={"token_expiration_min": "0.05"})
     (tmp_path / "model-store").mkdir()
-    torchserve.start()
-    try:
+    with TorchServe(tmp_path, tmp_path / "model-store", {}, extra_config={"token_expiration_min": "0.05"}) as torchserve:
         old_key = torchserve.keys()["inference"]
         time.sleep(4)
         expired = requests.get(f"{torchserve.inference_url}/ping", headers=torchserve.auth("inference"), timeout=10)
@@ -107,8 +105,6 @@ def test_expired_keys_are_refused_and_the_scripts_renew_them(tmp_path):
         result = health(torchserve)
         assert (result.returncode, result.stdout.strip()) == (0, "200 Healthy"), result.stdout + result.stderr
         assert torchserve.keys()["inference"] != old_key
-    finally:
-        torchserve.stop()
 
 
 def test_allowed_urls_admit_only_the_model_store(tmp_path, model_store):
@@ -118,9 +114,7 @@ def test_allowed_urls_admit_only_the_model_store(tmp_path, model_store):
     elsewhere.mkdir()
     for directory in (store, elsewhere):
         (directory / f"{TINY}.mar").write_bytes((model_store / f"{TINY}.mar").read_bytes())
-    torchserve = TorchServe(tmp_path / "torchserve", store, {}, extra_config={"enable_model_api": "true"})
-    torchserve.start()
-    try:
+    with TorchServe(tmp_path / "torchserve", store, {}, extra_config={"enable_model_api": "true"}) as torchserve:
         def register(url: str) -> requests.Response:
             return requests.post(
                 f"{torchserve.management_url}/models",
@@ -134,5 +128,3 @@ def test_allowed_urls_admit_only_the_model_store(tmp_path, model_store):
             assert refused.status_code == 404
             assert "does not match any allowed URL" in refused.json()["message"]
         assert register(f"{TINY}.mar").status_code == 200  # by name, from the model store
-    finally:
-        torchserve.stop()
