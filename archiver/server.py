@@ -142,7 +142,8 @@ class TorchServe:
 
     def predict(self, name: str, **kwargs) -> requests.Response:
         headers = {**self.auth("inference"), **kwargs.pop("headers", {})}
-        return requests.post(f"{self.inference_url}/predictions/{name}", headers=headers, timeout=300, **kwargs)
+        kwargs.setdefault("timeout", 300)
+        return requests.post(f"{self.inference_url}/predictions/{name}", headers=headers, **kwargs)
 
     def processes(self) -> list[psutil.Process]:
         if self.process is None:

@@ -12,6 +12,7 @@ TorchDtype = Literal["auto", "float32", "float16", "bfloat16"]
 Batching = Literal["auto", "combined", "per_request"]
 CpuOffload = Literal["none", "model", "sequential"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
+ServiceEnvelope = Literal["none", "kserve", "kservev2"]
 
 
 class GenerationDefaults(BaseModel):
@@ -61,6 +62,11 @@ class HandlerConfig(GenerationDefaults, Limits):
         "auto",
         description="combined: compatible requests share one pipeline call (faster); per_request: one call "
         "each, so pixels never depend on batch neighbours; auto: combined on CUDA, per_request on CPU",
+    )
+    service_envelope: ServiceEnvelope = Field(
+        "none",
+        description="the service_envelope that TorchServe's config.properties wraps this model in. TorchServe does "
+        "not tell a handler which one it runs, and an envelope needs JSON values where a plain request gets bytes",
     )
     allow_pickle_weights: bool = Field(
         False, description="load .bin/.ckpt weights; pickle can run code, so only for trusted models"

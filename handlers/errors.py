@@ -42,6 +42,19 @@ class GenerationFailed(RequestError):
     kind = "generation_failed"
 
 
+class InternalError(RequestError):
+    """A fault of the server, not of the request; the traceback goes to the worker log, not to the client."""
+
+    status = 500
+    kind = "internal_error"
+
+
+def excerpt(value: Any, limit: int = 60) -> str:
+    """A short repr of client input for an error message: a 1 MB field must not come back in a 1 MB error."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 class PipelineNotFound(Exception):
     """The model directory holds neither a diffusers pipeline nor a model.zip with one."""
 

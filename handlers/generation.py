@@ -1,5 +1,6 @@
 """Run batches of generation requests on one loaded pipeline."""
 
+import gc
 import inspect
 import logging
 import time
@@ -21,6 +22,9 @@ logger = logging.getLogger(__name__)
 # Arguments that not every pipeline takes; img2img gets its size from the image, and a pipeline
 # without step callbacks still generates, only without progress lines.
 OPTIONAL_ARGUMENTS = {"height", "width", "callback_on_step_end"}
+
+# A CUDA allocation failure, or a CPU one.
+OUT_OF_MEMORY = (torch.OutOfMemoryError, MemoryError)
 
 # Called after every denoising step of a group: (the group's requests, step, total steps, seconds so far).
 StepListener = Callable[[list[GenerationRequest], int, int, float], None]
@@ -107,18 +111,29 @@ class ImageGenerator:
         """Each request's images (or error), in request order."""
         results: list[Generated | RequestError | None] = [None] * len(requests)
         for indices in self.groups(requests):
-            group = [requests[index] for index in indices]
-            start = time.perf_counter()
-            outcome = self.run_group(group, on_step)
-            seconds = time.perf_counter() - start
-            if isinstance(outcome, RequestError):
-                for index in indices:
-                    results[index] = outcome
-                continue
-            images = iter(outcome)
-            for index, request in zip(indices, group):
-                results[index] = Generated([next(images) for _ in range(request.image_count)], seconds)
+            outcomes = self.run_isolated([requests[index] for index in indices], on_step)
+            for index, outcome in zip(indices, outcomes):
+                results[index] = outcome
         return results
+
+    def run_isolated(
+        self, group: list[GenerationRequest], on_step: StepListener | None = None
+    ) -> list[Generated | RequestError]:
+        """The group's outcomes, request by request.
+
+        A shared call that fails for a reason other than memory runs again one request at a time, so
+        the request that broke it is the only one to get the error.
+        """
+        start = time.perf_counter()
+        outcome = self.run_group(group, on_step)
+        seconds = time.perf_counter() - start
+        if isinstance(outcome, GenerationFailed) and len(group) > 1:
+            logger.warning("a shared call of %d requests failed; running them one at a time", len(group))
+            return [result for request in group for result in self.run_isolated([request], on_step)]
+        if isinstance(outcome, RequestError):
+            return [outcome] * len(group)
+        images = iter(outcome)
+        return [Generated([next(images) for _ in range(request.image_count)], seconds) for request in group]
 
     def groups(self, requests: list[GenerationRequest]) -> list[list[int]]:
         if not self.combine_requests:
@@ -141,12 +156,14 @@ class ImageGenerator:
             return self._run_jobs(pipeline, first, jobs, progress)
         except RequestError as error:
             return error
-        except (torch.OutOfMemoryError, MemoryError):
+        except OUT_OF_MEMORY:
             logger.exception("out of memory generating one image")
             return OutOfMemory()
-        except Exception as error:  # noqa: BLE001 - one failing group must not fail the others
+        except Exception as error:  # noqa: BLE001 - whatever a library raises, it stays with this group
             logger.exception("generation failed")
-            return GenerationFailed(f"generation failed: {type(error).__name__}: {error}")
+            return GenerationFailed(
+                f"generation failed ({type(error).__name__}); the worker log has the details"
+            )
 
     def _run_jobs(self, pipeline, request, jobs: list[ImageJob], progress) -> list[Image]:
         """Run the jobs in one call; out of memory, retry in halves before giving up.
@@ -155,26 +172,22 @@ class ImageGenerator:
         """
         try:
             return self._call(pipeline, request, jobs, progress)
-        except torch.OutOfMemoryError:
+        except OUT_OF_MEMORY:
             if len(jobs) == 1:
                 raise
             logger.warning("out of memory with %d images in one call; retrying in halves", len(jobs))
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            middle = len(jobs) // 2
-            return self._run_jobs(pipeline, request, jobs[:middle], progress) + self._run_jobs(
-                pipeline, request, jobs[middle:], progress
-            )
+        # Out of the except block: its traceback held the failed call's frames, and with them its tensors.
+        release_memory()
+        middle = len(jobs) // 2
+        return self._run_jobs(pipeline, request, jobs[:middle], progress) + self._run_jobs(
+            pipeline, request, jobs[middle:], progress
+        )
 
     def _call(self, pipeline, request: GenerationRequest, jobs: list[ImageJob], progress) -> list[Image]:
         prompts = [job.prompt for job in jobs]
         negative_prompts = [job.negative_prompt for job in jobs]
         # CPU generators give the same noise on every device.
         generators = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
-        if request.guidance_scale == 0 and hasattr(type(pipeline), "do_classifier_free_guidance"):
-            # Guidance uncond + w * (cond - uncond) at w = 0 is the unconditional prediction, but
-            # diffusers treats every w <= 1 as conditional; sample from the negative prompt instead.
-            prompts, negative_prompts = negative_prompts, ["" for _ in jobs]
         arguments = {
             "prompt": prompts,
             "height": request.height,
@@ -245,6 +258,13 @@ class Progress:
         total = self.total or self.offset + pipeline.num_timesteps
         self.listener(self.group, self.done, total, time.perf_counter() - self.start)
         return callback_kwargs
+
+
+def release_memory() -> None:
+    """Free what the failed call left: cycles first, then the CUDA cache they held."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def without_unsupported(pipeline: DiffusionPipeline, arguments: dict) -> dict:

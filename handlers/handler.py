@@ -1,19 +1,17 @@
 """TorchServe entry point: thin glue between request parsing, the pipeline and the encoders."""
 
 import logging
-import sys
 import time
 from http import HTTPStatus
 from pathlib import Path
 
 from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
-from ts.torch_handler.request_envelope.base import BaseEnvelope
 
 from handlers.archive import locate_pipeline
 from handlers.codecs import JSON, NDJSON, encode_response, progress_line, stream_result
 from handlers.config import load_handler_config
-from handlers.errors import RequestError
+from handlers.errors import InternalError, RequestError
 from handlers.generation import ImageGenerator
 from handlers.metrics import GenerationMetrics
 from handlers.pipelines import (
@@ -72,7 +70,8 @@ class DiffusersHandler(BaseHandler):
             compile_denoiser(self.pipeline, self.config)
             self.warm_up()
         self.metrics = GenerationMetrics(context.metrics, context.model_name)
-        self.enveloped = False
+        # The envelope JSON-encodes whatever the handler returns: answers must be JSON values, not bytes.
+        self.enveloped = self.config.service_envelope != "none"
         self.initialized = True
 
     def warm_up(self) -> None:
@@ -84,10 +83,6 @@ class DiffusersHandler(BaseHandler):
             raise RuntimeError(f"warm-up generation failed: {outcome.message}")
         logger.info("warm-up generation (compiling the denoiser) took %.1f s", time.perf_counter() - start)
 
-    def handle(self, data, context):
-        self.enveloped = called_by_envelope()
-        return super().handle(data, context)
-
     def preprocess(self, data):
         if self.enveloped and not data:
             return [
@@ -97,27 +92,28 @@ class DiffusersHandler(BaseHandler):
                     field="body",
                 )
             ]
-        if self.enveloped and is_v2_inputs(data):
+        if self.config.service_envelope == "kservev2" and is_v2_inputs(data):
             data = [merge_v2_inputs(data)]  # the kservev2 envelope splits one request into its inputs
-        requests = []
-        for index, row in enumerate(data):
-            try:
-                requests.append(
-                    parse_request(
-                        row,
-                        self.defaults,
-                        self.limits,
-                        body_type=(self._header(index, "body") or {}).get("content-type"),
-                        accept=self._header(index, "Accept"),
-                        adapters=self.adapters,
-                    )
-                )
-            except RequestError as error:
-                requests.append(error)
-                continue
-            if self.enveloped and requests[-1].stream:
-                requests[-1] = RequestError("stream is not available through a KServe envelope", field="stream")
-        return requests
+        return [self._parse(index, row) for index, row in enumerate(data)]
+
+    def _parse(self, index: int, row) -> GenerationRequest | RequestError:
+        try:
+            request = parse_request(
+                row,
+                self.defaults,
+                self.limits,
+                body_type=(self._header(index, "body") or {}).get("content-type"),
+                accept=self._header(index, "Accept"),
+                adapters=self.adapters,
+            )
+        except RequestError as error:
+            return error
+        except Exception:  # noqa: BLE001 - whatever a library raises for this row stays with this row
+            logger.exception("reading request %s failed", self._request_id(index))
+            return InternalError("the server failed to read this request; the worker log has the details")
+        if self.enveloped and request.stream:
+            return RequestError("stream is not available through a KServe envelope", field="stream")
+        return request
 
     def inference(self, data, *args, **kwargs):
         valid = [request for request in data if not isinstance(request, RequestError)]
@@ -135,23 +131,37 @@ class DiffusersHandler(BaseHandler):
         return outcomes
 
     def postprocess(self, data):
-        self._record_metrics(data)
+        encoded = [self._encode(index, outcome) for index, outcome in enumerate(data)]
+        self._record_metrics(encoded)
         if self.enveloped:
-            return self._enveloped_responses(data)
+            return self._enveloped_responses(encoded)
         responses = []
-        for index, outcome in enumerate(data):
+        for index, outcome in enumerate(encoded):
             if isinstance(outcome, RequestError):
                 self.context.set_response_status(outcome.status, HTTPStatus(outcome.status).phrase, index)
                 self.context.set_response_content_type(index, JSON)
                 responses.append(outcome.to_json())
                 continue
-            request, generated = outcome
-            images = generated.images
-            body, content_type = stream_result(request, images) if request.stream else encode_response(request, images)
+            request, _, (body, content_type) = outcome
             self.context.set_response_content_type(index, content_type)
             self.context.set_response_header(index, "X-Seed", str(request.seed))
             responses.append(body)
         return responses
+
+    def _encode(self, index: int, outcome):
+        """(request, generated, (body, content type)), or the request's error."""
+        if isinstance(outcome, RequestError):
+            return outcome
+        request, generated = outcome
+        try:
+            if request.stream:
+                encoded = stream_result(request, generated.images)
+            else:
+                encoded = encode_response(request, generated.images, enveloped=self.enveloped)
+        except Exception:  # noqa: BLE001 - one answer that fails to encode must not fail its batch-mates
+            logger.exception("encoding the answer to request %s failed", self._request_id(index))
+            return InternalError("the server failed to encode the images; the worker log has the details")
+        return request, generated, encoded
 
     def _stream_progress(self, streaming: dict[int, int]):
         """Send each streaming request of a group one JSON line per step, as a TorchServe intermediate response."""
@@ -161,34 +171,39 @@ class DiffusersHandler(BaseHandler):
                 index = streaming.get(id(request))
                 if index is None:
                     continue
-                self.context.set_response_content_type(index, NDJSON)
-                send_intermediate_predict_response(
-                    {index: progress_line(step, total, elapsed)},
-                    {index: self.context.request_ids[index]},
-                    "Intermediate Prediction success",
-                    200,
-                    self.context,
-                )
+                try:
+                    self.context.set_response_content_type(index, NDJSON)
+                    send_intermediate_predict_response(
+                        {index: progress_line(step, total, elapsed)},
+                        {index: self.context.request_ids[index]},
+                        "Intermediate Prediction success",
+                        200,
+                        self.context,
+                    )
+                except Exception:  # noqa: BLE001 - a lost progress line must not cost the images
+                    logger.exception("progress for request %s not sent; no more lines for it", self._request_id(index))
+                    del streaming[id(request)]
 
         return on_step
 
     def _record_metrics(self, data) -> None:
         for index, outcome in enumerate(data):
-            request_id = self.context.request_ids.get(index, "")
-            if isinstance(outcome, RequestError):
-                self.metrics.record_error(outcome, request_id)
-            else:
-                request, generated = outcome
-                self.metrics.record_images(request, len(generated.images), generated.seconds, request_id)
+            request_id = self._request_id(index)
+            try:
+                if isinstance(outcome, RequestError):
+                    self.metrics.record_error(outcome, request_id)
+                else:
+                    request, generated, _ = outcome
+                    self.metrics.record_images(request, len(generated.images), generated.seconds, request_id)
+            except Exception:  # noqa: BLE001 - a metric is never worth an answer
+                logger.exception("recording metrics for request %s failed", request_id)
+
+    def _request_id(self, index: int) -> str:
+        return (getattr(self.context, "request_ids", None) or {}).get(index, f"#{index}")
 
     def _enveloped_responses(self, data):
         """Inside a KServe envelope all instances share one HTTP response, so errors travel as values."""
-        responses = [
-            outcome.to_dict()
-            if isinstance(outcome, RequestError)
-            else encode_response(outcome[0], outcome[1].images, enveloped=True)[0]
-            for outcome in data
-        ]
+        responses = [outcome.to_dict() if isinstance(outcome, RequestError) else outcome[2][0] for outcome in data]
         errors = [outcome for outcome in data if isinstance(outcome, RequestError)]
         if errors and len(errors) == len(data):
             self.context.set_response_status(errors[0].status, HTTPStatus(errors[0].status).phrase, 0)
@@ -201,12 +216,3 @@ class DiffusersHandler(BaseHandler):
         headers = self.context.get_all_request_header(index)
         return next((value for key, value in headers.items() if key.lower() == name.lower()), None)
 
-
-def called_by_envelope() -> bool:
-    """Whether TorchServe's service_envelope (KServe v1/v2) wraps this handler.
-
-    TorchServe gives a handler no other sign of it, and the envelope JSON-encodes whatever the
-    handler returns, so the answers must then be JSON values rather than bytes or serialised text.
-    """
-    caller = sys._getframe(2).f_locals.get("self")
-    return isinstance(caller, BaseEnvelope)

@@ -9,11 +9,12 @@ from PIL.Image import Image
 from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
 from handlers.config import GenerationDefaults, Limits
-from handlers.errors import PayloadTooLarge, RequestError
+from handlers.errors import PayloadTooLarge, RequestError, excerpt
 from handlers.images import HOW_TO_SEND_AN_IMAGE, IMAGE_FIELDS, decode_image
 
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_LENGTH = 1000
+MAX_FIELD_NAME = 60  # an unknown field's name is echoed back; a client may send a megabyte of it
 
 HOW_TO_SEND_A_PROMPT = (
     "no prompt found. Send it as text (-H 'Content-Type: text/plain' -d 'a cat'), "
@@ -75,6 +76,7 @@ class GenerationRequest(GenerationDefaults):
                 raise ValueError("prompt is empty")
             if len(text) > MAX_PROMPT_LENGTH:
                 raise ValueError(f"prompt has {len(text)} characters; at most {MAX_PROMPT_LENGTH} are allowed")
+            check_unicode(text)
         return prompt
 
     @property
@@ -107,6 +109,16 @@ class GenerationRequest(GenerationDefaults):
         if self.task == "txt2img":
             return self.num_inference_steps
         return min(int(self.num_inference_steps * self.effective_strength), self.num_inference_steps)
+
+
+def check_unicode(text: str) -> None:
+    """JSON escapes can carry lone surrogates, which are not text: tokenizers and encoders fail on them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"text is not valid Unicode: a lone surrogate {text[error.start]!r} at character {error.start}"
+        ) from None
 
 
 def parse_request(
@@ -176,14 +188,14 @@ def check_task_inputs(request: GenerationRequest) -> None:
 def check_adapters(request: GenerationRequest, adapters: Adapters) -> None:
     if request.controlnet is not None and request.controlnet not in adapters.controlnets:
         raise RequestError(
-            f"unknown controlnet {request.controlnet!r}", field="controlnet", allowed=list(adapters.controlnets)
+            f"unknown controlnet {excerpt(request.controlnet)}", field="controlnet", allowed=list(adapters.controlnets)
         )
     for name, weight in request.lora_weights.items():
         if name not in adapters.loras:
-            raise RequestError(f"unknown LoRA adapter {name!r}", field="lora", allowed=list(adapters.loras))
+            raise RequestError(f"unknown LoRA adapter {excerpt(name)}", field="lora", allowed=list(adapters.loras))
         if not -2 <= weight <= 2:
             raise RequestError(
-                f"LoRA weight {weight} for {name!r} is outside -2..2", field="lora", allowed={"minimum": -2, "maximum": 2}
+                f"LoRA weight {weight} for {excerpt(name)} is outside -2..2", field="lora", allowed={"minimum": -2, "maximum": 2}
             )
 
 
@@ -327,11 +339,12 @@ def _json_object(text: str) -> dict | None:
 
 def _as_request_error(error: ValidationError) -> RequestError:
     first = error.errors()[0]
-    field = str(first["loc"][0]) if first["loc"] else None
+    field = str(first["loc"][0])[:MAX_FIELD_NAME] if first["loc"] else None
     if first["type"] == "extra_forbidden":
-        return RequestError(f"unknown field {field!r}", field=field, allowed=sorted(GenerationRequest.model_fields))
+        return RequestError(f"unknown field {excerpt(field)}", field=field, allowed=sorted(GenerationRequest.model_fields))
     message = first["msg"].removeprefix("Value error, ")
-    return RequestError(f"{field}: {message} (got {first.get('input')!r})", field=field, allowed=allowed_values(field))
+    got = excerpt(first.get("input"))
+    return RequestError(f"{field}: {message} (got {got})", field=field, allowed=allowed_values(field))
 
 
 def allowed_values(field: str | None) -> Any:

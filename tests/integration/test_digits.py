@@ -87,7 +87,8 @@ def test_each_member_of_a_batch_gets_its_own_digit(digits_server, classifier):
         assert [label(classifier, png) for png in pngs] == list(digits)
 
 
-def test_without_guidance_the_prompt_stops_mattering(digits_server, classifier):
+def test_at_guidance_0_the_prompt_still_decides_the_digit(digits_server, classifier):
+    """diffusers' meaning: w <= 1 is plain conditional sampling, which Turbo models run at w = 0."""
     requests = [(digit, 1000 + 3 * digit + repeat) for digit in range(10) for repeat in range(3)]
     guided = [{"prompt": f"digit {digit}", "seed": seed} for digit, seed in requests]
     unguided = [{**body, "guidance_scale": 0} for body in guided]
@@ -97,6 +98,6 @@ def test_without_guidance_the_prompt_stops_mattering(digits_server, classifier):
         return np.mean([predicted == digit for predicted, (digit, _) in zip(labels, requests)])
 
     guided_accuracy, unguided_accuracy = accuracy(guided), accuracy(unguided)
-    print(f"accuracy with guidance: {guided_accuracy:.0%}, at guidance 0: {unguided_accuracy:.0%} (chance: 10%)")
-    assert guided_accuracy >= 0.8
-    assert unguided_accuracy <= 0.35
+    print(f"accuracy at the default guidance: {guided_accuracy:.0%}, at guidance 0: {unguided_accuracy:.0%} (chance: 10%)")
+    assert unguided_accuracy >= 0.5
+    assert guided_accuracy >= unguided_accuracy

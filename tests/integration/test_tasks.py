@@ -81,7 +81,7 @@ def test_inpaint_from_multipart_parts(server):
         ({"image": b64(bomb())}, 413, "pixels"),
         ({"image": b64(png(Image.new("RGB", (1100, 1000))))}, 413, "max_input_pixels"),
         ({"image": b64(START), "mask_image": b64(png(Image.new("L", (32, 64))))}, 400, "must be the same size"),
-        ({"image": b64(b"GIF89a but not really")}, 400, "not a readable image"),
+        ({"image": b64(b"GIF89a but not really")}, 400, "not a PNG, JPEG or WebP file"),
         ({"image": "%%% not base64 %%%"}, 400, "not valid base64"),
         ({"image": b64(START), "strength": 2}, 400, "strength"),
     ],

@@ -177,8 +177,8 @@ def test_one_bad_request_does_not_fail_its_batch(served):
     assert decode_numpy_response(bodies[0]).shape == decode_numpy_response(bodies[3]).shape == (64, 64, 3)
 
 
-def test_kserve_v1_envelope_answers_each_instance(served):
-    handler, context = served
+def test_kserve_v1_envelope_answers_each_instance(tiny_pipeline_dir):
+    handler, context = serve(tiny_pipeline_dir, service_envelope="kserve")
     envelope = KServeEnvelope(handler.handle)
     attach_requests(context, [None])
     body = {"instances": [{"data": "a cat", "seed": 1}, "a dog", {"prompt": "x", "height": 5}]}
@@ -189,8 +189,8 @@ def test_kserve_v1_envelope_answers_each_instance(served):
     json.dumps(response)  # TorchServe serialises it as JSON
 
 
-def test_kserve_v2_envelope_merges_named_inputs(served):
-    handler, context = served
+def test_kserve_v2_envelope_merges_named_inputs(tiny_pipeline_dir):
+    handler, context = serve(tiny_pipeline_dir, service_envelope="kservev2")
     envelope = KServev2Envelope(handler.handle)
     attach_requests(context, [None])
     body = {
@@ -206,6 +206,31 @@ def test_kserve_v2_envelope_merges_named_inputs(served):
     document = output["data"][0]
     assert Image.open(io.BytesIO(base64.b64decode(document["images"][0]))).size == (64, 64)
     json.dumps(response)
+
+
+class LoggingHandler(DiffusersHandler):
+    """A user's subclass that overrides handle, as TorchServe's docs suggest for logging or auth."""
+
+    def handle(self, data, context):
+        self.calls = getattr(self, "calls", 0) + 1
+        return super().handle(data, context)
+
+
+@pytest.mark.parametrize("envelope", ["none", "kserve"])
+def test_the_envelope_setting_holds_for_a_subclass_that_overrides_handle(tiny_pipeline_dir, envelope):
+    context = make_context(tiny_pipeline_dir, {**SMALL, "service_envelope": envelope, "output_format": "png"})
+    handler = LoggingHandler()
+    handler.initialize(context)
+    if envelope == "kserve":
+        attach_requests(context, [None])
+        [response] = KServeEnvelope(handler.handle).handle([{"body": {"instances": ["a cat"]}}], context)
+        [document] = response["predictions"]
+        assert Image.open(io.BytesIO(base64.b64decode(document["images"][0]))).format == "PNG"
+        json.dumps(response)
+    else:
+        [body] = run(handler, context, [{"body": "a cat"}], ["text/plain"])
+        assert Image.open(io.BytesIO(body)).format == "PNG"  # raw bytes, not a JSON value
+    assert handler.calls == 1
 
 
 def test_example_layout_with_model_zip_is_served(tmp_path, tiny_pipeline_dir):

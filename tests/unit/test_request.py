@@ -254,7 +254,7 @@ def test_images_arrive_as_base64_or_data_urls_and_set_the_size():
     "fields, status, message",
     [
         ({"image": "not base64!"}, 400, "not valid base64"),
-        ({"image": base64.b64encode(b"plain text, not a picture").decode()}, 400, "not a readable image"),
+        ({"image": base64.b64encode(b"plain text, not a picture").decode()}, 400, "not a PNG, JPEG or WebP file"),
         ({"image": png_text((5000, 5000))}, 413, "at most"),
         ({"task": "img2img"}, 400, "needs an `image`"),
         ({"task": "inpaint", "image": png_text()}, 400, "needs a `mask_image`"),

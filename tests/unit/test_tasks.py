@@ -2,6 +2,8 @@
 
 import base64
 import json
+import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -196,15 +198,25 @@ def test_img2img_streams_the_steps_it_runs(sd):
 
 
 class OutOfMemoryAbove:
-    """Makes the real UNet raise CUDA's out-of-memory error for batches larger than `limit`."""
+    """Makes the real UNet raise an out-of-memory error for batches larger than `limit`.
 
-    def __init__(self, unet, limit):
-        self.limit = limit
+    At every call it lets through, it records whether an exception was being handled and whether
+    the refused call's input still lived: a retry inside the `except` block keeps both.
+    """
+
+    def __init__(self, unet, limit, error=torch.OutOfMemoryError):
+        self.limit, self.error = limit, error
+        self.refused: list[weakref.ref] = []
+        self.handling: list[type | None] = []
+        self.refused_alive: list[bool] = []
         self.hook = unet.register_forward_pre_hook(self.check)
 
     def check(self, module, args):
         if args[0].shape[0] > self.limit:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            self.refused.append(weakref.ref(args[0]))
+            raise self.error("out of memory (simulated)")
+        self.handling.append(sys.exc_info()[0])
+        self.refused_alive.append(any(reference() is not None for reference in self.refused))
 
     def __enter__(self):
         return self
@@ -213,16 +225,27 @@ class OutOfMemoryAbove:
         self.hook.remove()
 
 
-def test_out_of_memory_retries_in_smaller_batches(sd):
+def document_pixels(body: bytes) -> list[np.ndarray]:
+    return [pixels(base64.b64decode(image)) for image in json.loads(body)["images"]]
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError, MemoryError], ids=["cuda", "cpu"])
+def test_out_of_memory_retries_in_halves_after_freeing_the_failed_call(sd, error):
     handler, context = sd
     request = {"prompt": "a cat", "num_images_per_prompt": 4, "output_format": "json", "seed": 5}
-    [whole] = run_json(handler, context, request)
-    with UNetBatchSizes(handler) as sizes, OutOfMemoryAbove(handler.pipeline.unet, limit=4):
+    # What the halves must give: the same two calls of 2 images, made without running out of memory.
+    halves = run_json(handler, context, {**request, "num_images_per_prompt": 2}, {**request, "num_images_per_prompt": 2, "seed": 7})
+    expected = [image for body in halves for image in document_pixels(body)]
+    with UNetBatchSizes(handler) as sizes, OutOfMemoryAbove(handler.pipeline.unet, limit=4, error=error) as memory:
         [retried] = run_json(handler, context, request)
     # 4 images with guidance are a UNet batch of 8: refused, then two halves of 2 images succeed.
+    assert context.get_response_status(0)[0] == 200
     assert sizes[0] == 8 and set(sizes[1:]) == {4}
-    images = json.loads(retried)["images"]
-    assert len(images) == 4 and json.loads(retried)["seeds"] == json.loads(whole)["seeds"]
-    with OutOfMemoryAbove(handler.pipeline.unet, limit=1):
+    images = document_pixels(retried)
+    assert len(images) == 4 and all(np.array_equal(got, want) for got, want in zip(images, expected))
+    assert not np.array_equal(images[0], images[1])
+    assert set(memory.handling) == {None}, "the halves ran inside the failed call's except block"
+    assert not any(memory.refused_alive), "the failed call's tensors were still alive during the retry"
+    with OutOfMemoryAbove(handler.pipeline.unet, limit=1, error=error):
         [refused] = run_json(handler, context, request)
     assert context.get_response_status(0)[0] == 507 and "out of memory" in json.loads(refused)["error"]
