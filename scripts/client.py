@@ -3,6 +3,8 @@
 import base64
 import io
 import json
+import secrets
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -52,6 +54,27 @@ def send(method: str, url: str, kind: str, key_file: Path, management_url: str, 
         renew_key(kind, key_file, management_url)
         response = requests.request(method, url, headers={**headers, **auth_header(kind, key_file)}, **kwargs)
     return response
+
+
+# A request that reaches a worker is answered within the model's responseTimeout (600 s in our
+# archives): 200, or 500 when the worker dies or runs out of time. A request TorchServe 0.12.0 loses
+# (README, "Nothing waits forever") is never answered, so no answer by then means: send it again.
+DEFAULT_DEADLINE_S = 660
+
+
+def predict(url: str, body: dict, key_file: Path, management_url: str, deadline_s: float = DEFAULT_DEADLINE_S):
+    """POST a generation request; with no answer within deadline_s, send it once more.
+
+    The request carries a seed (one is drawn here when absent), so the retry makes the same images.
+    """
+    body = {"seed": secrets.randbelow(2**32), **body}
+    for attempt in (1, 2):
+        try:
+            return send("POST", url, "inference", key_file, management_url, json=body, timeout=(10, deadline_s))
+        except requests.Timeout:
+            if attempt == 2:
+                raise
+            print(f"no answer within {deadline_s:g} s; sending the request again (seed {body['seed']})", file=sys.stderr)
 
 
 def images_from_numpy_json(body: str) -> list[Image.Image]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from client import REPO_ROOT, add_server_arguments, send
+from client import REPO_ROOT, add_server_arguments, predict
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -27,11 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     for digit in range(10):
         draw.text((digit * tile + tile // 2 - 12, 3), f'"{digit}"', fill="black")
         for row in range(args.seeds):
-            response = send(
-                "POST", f"{args.url}/predictions/{args.model}", "inference", args.key_file, args.management_url,
-                json={"prompt": f"a handwritten {WORDS[digit]}" if row % 2 else f"digit {digit}", "seed": row,
-                      "output_format": "png"},
-                timeout=300,
+            response = predict(
+                f"{args.url}/predictions/{args.model}",
+                {"prompt": f"a handwritten {WORDS[digit]}" if row % 2 else f"digit {digit}", "seed": row,
+                 "output_format": "png"},
+                args.key_file,
+                args.management_url,
             )
             response.raise_for_status()
             image = Image.open(io.BytesIO(response.content)).convert("RGB").resize((tile, tile), Image.Resampling.NEAREST)

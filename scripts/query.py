@@ -9,7 +9,7 @@ import base64
 import sys
 from pathlib import Path
 
-from client import add_server_arguments, save_response, send
+from client import DEFAULT_DEADLINE_S, add_server_arguments, predict, save_response
 
 PARAMETERS = (
     "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width", "seed",
@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--controlnet-conditioning-scale", type=float, help="0-2")
     parser.add_argument("--lora", help="a LoRA adapter of the model, by name")
     parser.add_argument("--lora-weight", type=float, help="-2 to 2")
+    parser.add_argument(
+        "--deadline", type=float, default=DEFAULT_DEADLINE_S,
+        help="seconds without an answer before the request is sent once more, with the same seed (default: %(default)s)",
+    )
     parser.add_argument("--out", type=Path, default=Path("output.png"), help="where to save (default: %(default)s)")
     add_server_arguments(parser, default_port=8080)
     return parser
@@ -56,10 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in IMAGE_PARAMETERS
         if getattr(args, name) is not None
     }
-    response = send(
-        "POST", f"{args.url}/predictions/{args.model}", "inference", args.key_file, args.management_url,
-        json=body, timeout=3600,
-    )
+    response = predict(f"{args.url}/predictions/{args.model}", body, args.key_file, args.management_url, args.deadline)
     if response.status_code != 200:
         print(f"error {response.status_code}: {response.text}", file=sys.stderr)
         return 1

@@ -19,23 +19,23 @@ KSERVE_CONFIG = REPO_ROOT / "kserve" / "config.properties"
 MODEL = "stable_diffusion"  # the name kserve/config.properties' model_snapshot registers
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    store = tmp_path_factory.mktemp("kserve") / "model-store"
+def kserve_store(tmp_path_factory, envelope: str):
+    """An archive built, as kserve/README.md says, with the handler told the envelope it runs in."""
+    store = tmp_path_factory.mktemp(f"kserve-{envelope}") / "model-store"
     store.mkdir()
     # Batch size 4 in the archive: the snapshot's batchSize 1 must win, since TorchServe's envelopes
     # answer one request per batch.
     build_archive(
         store, MODEL, "--source", "tiny", "--height", "64", "--width", "64", "--num-inference-steps", "2",
-        "--batch-size", "4", "--max-batch-delay", "200",
+        "--batch-size", "4", "--max-batch-delay", "200", "--set", f"service_envelope={envelope}",
     )
     return store
 
 
-def kserve_server(tmp_path_factory, store, envelope: str) -> TorchServe:
+def kserve_server(tmp_path_factory, envelope: str) -> TorchServe:
     return TorchServe(
         tmp_path_factory.mktemp(f"torchserve-{envelope}"),
-        store,
+        kserve_store(tmp_path_factory, envelope),
         {MODEL: f"{MODEL}.mar"},
         token_auth=False,  # as shipped: only the wrapper, on loopback in the pod, calls TorchServe
         base_config=KSERVE_CONFIG,
@@ -44,14 +44,14 @@ def kserve_server(tmp_path_factory, store, envelope: str) -> TorchServe:
 
 
 @pytest.fixture(scope="module")
-def v1(tmp_path_factory, store):
-    with kserve_server(tmp_path_factory, store, "kserve") as torchserve:
+def v1(tmp_path_factory):
+    with kserve_server(tmp_path_factory, "kserve") as torchserve:
         yield torchserve
 
 
 @pytest.fixture(scope="module")
-def v2(tmp_path_factory, store):
-    with kserve_server(tmp_path_factory, store, "kservev2") as torchserve:
+def v2(tmp_path_factory):
+    with kserve_server(tmp_path_factory, "kservev2") as torchserve:
         yield torchserve
 
 
