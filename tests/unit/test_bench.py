@@ -37,3 +37,17 @@ def test_ratios_and_verdicts():
     assert verdicts["compat_body_vs_baseline"].startswith("met")
     assert verdicts["scale_up_vs_baseline"].startswith("MISSED")
     assert verdicts["throughput_c8_vs_baseline"].startswith("met")
+
+
+def test_without_matplotlib_the_plot_is_a_hint_not_a_traceback(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `import matplotlib` meets without the extra
+    message = bench.save_plot({}, tmp_path / "results.png")
+    assert "pip install -e '.[bench]'" in message
+    assert not (tmp_path / "results.png").exists()
+
+
+def test_the_report_shows_the_same_batch_size_throughput_beside_the_target():
+    derived = {"throughput_c8_vs_baseline": 2.5, "throughput_b4_c8_vs_baseline": 1.1}
+    lines = bench.markdown_targets(derived)
+    assert "| throughput_c8_vs_baseline | met (2.5 >= 2.0) |" in lines
+    assert "| throughput at concurrency 8, both at batchSize 4 (reported beside the target) | 1.1 |" in lines
