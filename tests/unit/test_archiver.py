@@ -4,6 +4,7 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
 import yaml
 
 from archiver.build import REPO_ROOT
@@ -78,3 +79,13 @@ def test_a_directory_without_model_index_is_refused(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert build(tmp_path, "--source", str(tmp_path / "empty")) == 2
     assert "no model_index.json" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arguments", [["--help"], ["build", "--help"]])
+def test_the_cli_prints_only_its_own_output(arguments):
+    result = subprocess.run(
+        [sys.executable, "-m", "archiver", *arguments], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: python -m archiver")
+    assert result.stderr == ""

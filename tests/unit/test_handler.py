@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from diffusers import EulerDiscreteScheduler
 from PIL import Image
 from ts.torch_handler.request_envelope.kserve import KServeEnvelope
 from ts.torch_handler.request_envelope.kservev2 import KServev2Envelope
@@ -146,16 +147,37 @@ def test_combined_batching_shares_pipeline_calls_between_compatible_requests(ser
     assert shapes == [(64, 64, 3), (64, 96, 3), (2, 64, 64, 3), (64, 64, 3)]
 
 
-def test_a_scheduler_choice_does_not_leak_into_other_requests(served):
+class SamplerSteps:
+    """Records which scheduler class takes each denoising step, through a wrapper on the real `step`."""
+
+    def __init__(self, monkeypatch, *scheduler_classes):
+        self.classes: list[str] = []
+        for scheduler_class in scheduler_classes:
+            monkeypatch.setattr(scheduler_class, "step", self.recording(scheduler_class.step))
+
+    def recording(self, step):
+        def recorded(scheduler, *args, **kwargs):
+            self.classes.append(type(scheduler).__name__)
+            return step(scheduler, *args, **kwargs)
+
+        return recorded
+
+
+def test_a_scheduler_choice_runs_that_sampler_and_does_not_leak(served, monkeypatch):
     handler, context = served
     base_scheduler = type(handler.pipeline.scheduler)
+    steps = SamplerSteps(monkeypatch, base_scheduler, EulerDiscreteScheduler)
     [default_before] = run_json(handler, context, {"prompt": "a cat", "seed": 3})
+    assert steps.classes == [base_scheduler.__name__] * SMALL["num_inference_steps"]
+    steps.classes.clear()
     [euler] = run_json(handler, context, {"prompt": "a cat", "seed": 3, "scheduler": "euler"})
+    assert steps.classes == ["EulerDiscreteScheduler"] * SMALL["num_inference_steps"]
+    steps.classes.clear()
     [default_after] = run_json(handler, context, {"prompt": "a cat", "seed": 3})
+    assert steps.classes == [base_scheduler.__name__] * SMALL["num_inference_steps"]
     assert euler != default_before
     assert default_after == default_before
     assert type(handler.pipeline.scheduler) is base_scheduler
-    assert type(handler.generator.views.pipeline_for("txt2img", scheduler="euler").scheduler).__name__ == "EulerDiscreteScheduler"
 
 
 def test_negative_prompt_changes_the_image(served):

@@ -49,13 +49,26 @@ def test_channels_last(tiny_pipeline_dir):
     assert generates(served)
 
 
-def test_model_cpu_offload_keeps_weights_on_the_cpu_until_used(tiny_pipeline_dir):
-    """Installing the hooks needs no GPU: each model is moved to cuda:0 only when it runs."""
+def test_model_cpu_offload_installs_cuda_hooks_and_leaves_the_weights_on_the_cpu(tiny_pipeline_dir):
+    """Installing the hooks needs no GPU; running them does (the CUDA test below)."""
     pipeline = load_pipeline(tiny_pipeline_dir, torch.float32)
     apply_memory_options(pipeline, HandlerConfig(cpu_offload="model"), torch.device("cuda:0"))
     hook = pipeline.unet._hf_hook
     assert type(hook).__name__ == "CpuOffload" and hook.execution_device == torch.device("cuda:0")
     assert pipeline.unet.conv_in.weight.device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="running model offload's hooks needs CUDA; no GPU here")
+def test_model_cpu_offload_runs_each_model_on_the_gpu_and_puts_it_back(tiny_pipeline_dir):
+    handler, _ = served = serve(tiny_pipeline_dir, gpu_id=0, cpu_offload="model")
+    seen = []
+    hook = handler.pipeline.unet.register_forward_pre_hook(lambda module, args: seen.append(module.conv_in.weight.device.type))
+    try:
+        assert generates(served)
+    finally:
+        hook.remove()
+    assert set(seen) == {"cuda"}
+    assert handler.pipeline.unet.conv_in.weight.device.type == "cpu"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="sequential offload installs CUDA-only hooks; no GPU here")

@@ -12,6 +12,7 @@ from PIL import Image
 
 from tests.unit.helpers import (
     UNetBatchSizes,
+    serve,
     WorkerSocket,
     image_base64,
     pixels,
@@ -143,8 +144,14 @@ def test_controlnet_with_img2img(sd):
 
 def test_lora_adapters_switch_per_request_without_reloading(sd):
     handler, _ = sd
-    unet_weight = next(handler.pipeline.unet.parameters())
-    pointer = unet_weight.data_ptr()
+    # The layers the adapters target: peft wraps each, keeping the loaded weight as its base_layer.
+    targeted = {
+        name: module.base_layer.weight
+        for name, module in handler.pipeline.unet.named_modules()
+        if hasattr(module, "base_layer") and hasattr(module.base_layer, "weight")
+    }
+    assert targeted
+    loaded = {name: (weight.data_ptr(), weight.detach().clone()) for name, weight in targeted.items()}
     base = generate(sd)
     style = generate(sd, lora="style")
     ink = generate(sd, lora="ink")
@@ -155,7 +162,9 @@ def test_lora_adapters_switch_per_request_without_reloading(sd):
     assert np.array_equal(generate(sd), base)  # nothing leaks into a request without a LoRA
     assert np.array_equal(generate(sd, lora="style"), style)
     assert handler.pipeline.get_list_adapters()["unet"] == ["style", "ink"]
-    assert next(handler.pipeline.unet.parameters()).data_ptr() == pointer  # the base weights were not reloaded
+    for name, weight in targeted.items():  # switching neither reloaded nor merged into the base weights
+        pointer, values = loaded[name]
+        assert weight.data_ptr() == pointer and torch.equal(weight, values), name
 
 
 def test_requests_with_different_adapters_share_a_batch(sd):
@@ -249,3 +258,31 @@ def test_out_of_memory_retries_in_halves_after_freeing_the_failed_call(sd, error
     with OutOfMemoryAbove(handler.pipeline.unet, limit=1, error=error):
         [refused] = run_json(handler, context, request)
     assert context.get_response_status(0)[0] == 507 and "out of memory" in json.loads(refused)["error"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a real CUDA out-of-memory error needs a GPU; none here")
+def test_a_real_cuda_out_of_memory_is_split_and_answered(tiny_pipeline_dir):
+    handler, context = serve(tiny_pipeline_dir, gpu_id=0)
+    request = {"prompt": "a cat", "height": 512, "width": 512, "num_inference_steps": 2, "output_format": "json", "seed": 1}
+    run_json(handler, context, request)  # warm: kernels and the allocator's pools exist
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run_json(handler, context, request)
+    one_image = torch.cuda.max_memory_allocated() - before
+    total = torch.cuda.get_device_properties(0).total_memory
+    # Room for about 3 images at once: 8 cannot fit, nor 4; halves of 2 can.
+    torch.cuda.set_per_process_memory_fraction((before + 3 * one_image) / total, 0)
+    try:
+        with UNetBatchSizes(handler) as sizes:
+            [body] = run_json(handler, context, {**request, "num_images_per_prompt": 8})
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
+    torch.cuda.synchronize()
+    after = torch.cuda.memory_allocated()
+    print(f"one image: {one_image / 2**20:.0f} MiB; allocated before {before / 2**20:.0f} MiB, after {after / 2**20:.0f} MiB; "
+          f"UNet batches {sorted(set(sizes))}")
+    assert context.get_response_status(0)[0] == 200
+    assert len(json.loads(body)["images"]) == 8
+    assert max(sizes) == 16 and min(sizes) < 16  # the whole batch was tried (x2 for guidance), then split
+    assert after <= before + 2**20  # the failed calls' tensors were released
