@@ -63,7 +63,14 @@ def damaged(data: bytes, rng: random.Random) -> dict[str, bytes]:
         flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
     header = bytearray(data)
     header[8:24] = bytes(rng.randrange(256) for _ in range(len(header[8:24])))
-    return {"intact": data, "truncated": truncated, "bit-flipped": bytes(flipped), "corrupt header": bytes(header)}
+    # Right after the signature sit the fields a decoder dispatches on (BLP's compression, say):
+    # before the signature check, such a BLP raised BLPFormatError, which escaped and failed the batch.
+    early = bytearray(data)
+    early[4:8] = bytes(rng.randrange(256) for _ in range(4))
+    return {
+        "intact": data, "truncated": truncated, "bit-flipped": bytes(flipped),
+        "corrupt header": bytes(header), "corrupt fields after the signature": bytes(early),
+    }
 
 
 def corpus() -> dict[str, dict]:
