@@ -8,7 +8,7 @@ import yaml
 from model_archiver.model_archiver_config import ModelArchiverConfig
 from model_archiver.model_packaging import generate_model_archive
 
-from archiver.sources import PICKLE_SUFFIXES
+from archiver.contents import PIPELINE_INDEX, select_component_files, select_pipeline_files
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HANDLER_PACKAGE = REPO_ROOT / "handlers"
@@ -90,17 +90,18 @@ def build_archive(
 
 
 def copy_pipeline(source: Path, target: Path, allow_pickle_weights: bool) -> None:
-    """Copy the pipeline, leaving out pickle weights that have a safetensors twin unless allowed."""
-    for path in sorted(source.rglob("*")):
-        relative = path.relative_to(source)
-        if not path.is_file() or relative.parts[0].startswith("."):
-            continue
-        if path.suffix in PICKLE_SUFFIXES and not allow_pickle_weights:
-            print(f"  skipping {relative} (pickle weights are not packed; safetensors are)")
-            continue
+    """Copy what the pipeline (or a single model folder) is made of, and say what was left out and why."""
+    if (source / PIPELINE_INDEX).is_file():
+        selection = select_pipeline_files(source, allow_pickle_weights)
+    else:
+        selection = select_component_files(source, allow_pickle_weights)
+    for relative, reason in selection.left_out:
+        print(f"  leaving out {relative}: {reason}")
+    for relative in selection.files:
+        path = source / relative
         destination = target / relative
         destination.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, destination)
+        shutil.copyfile(path, destination)  # a link's target, never the link: the archive holds no links
         print(f"  copying {relative} ({human_size(path.stat().st_size)})")
 
 

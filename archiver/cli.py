@@ -7,6 +7,7 @@ from typing import get_args
 import yaml
 
 from archiver.build import REPO_ROOT, ServingConfig, build_archive
+from archiver.contents import UnsafePipeline
 from archiver.sources import (
     BUILT_IN,
     RECOMMENDED_DEFAULTS,
@@ -145,20 +146,20 @@ def main(argv: list[str] | None = None) -> int:
                     f"{', '.join(unsafe)}. Convert them to safetensors, or pass --allow-unsafe-weights "
                     "if you trust the source."
                 )
-        except SourceError as error:
+            build_archive(
+                pipeline_dir,
+                args.model_name,
+                args.export_path,
+                serving,
+                workdir,
+                archive_format=args.archive_format,
+                version=args.version,
+                allow_pickle_weights=args.allow_unsafe_weights,
+                extras=extras,
+            )
+        except (SourceError, UnsafePipeline) as error:
             print(f"error: {error}")
             return 2
-        build_archive(
-            pipeline_dir,
-            args.model_name,
-            args.export_path,
-            serving,
-            workdir,
-            archive_format=args.archive_format,
-            version=args.version,
-            allow_pickle_weights=args.allow_unsafe_weights,
-            extras=extras,
-        )
     return 0
 
 

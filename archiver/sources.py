@@ -1,11 +1,13 @@
 """Turn a --source argument into a local diffusers pipeline directory."""
 
+import json
 import tempfile
 import zlib
 from pathlib import Path
 
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 
+from archiver.contents import PICKLE_SUFFIXES, PIPELINE_INDEX, allowed_patterns
 from archiver.digits import DEFAULT_WEIGHTS_DIR as DIGITS_WEIGHTS_DIR
 from archiver.tiny import (
     build_tiny_controlnet,
@@ -16,7 +18,6 @@ from archiver.tiny import (
     write_tiny_lora,
 )
 
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 # Built from code, random weights: one per pipeline family.
 BUILT_IN = {"tiny": build_tiny_pipeline, "tiny-sdxl": build_tiny_sdxl, "tiny-flux": build_tiny_flux}
 TINY_ADAPTER = "tiny"  # as an adapter source: a random adapter that fits the pipeline being packed
@@ -100,13 +101,15 @@ def _unet(pipeline_dir: Path) -> UNet2DConditionModel:
 
 
 def download_from_hub(repo_id: str, workdir: Path, allow_pickle_weights: bool, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
+    """Fetch model_index.json, then only the files of the components it names (the archiver's allowlist)."""
+    from huggingface_hub import hf_hub_download, snapshot_download
 
     print(f"downloading {repo_id} from the Hugging Face Hub")
-    ignore = None if allow_pickle_weights else [f"*{suffix}" for suffix in PICKLE_SUFFIXES]
     try:
+        index = json.loads(Path(hf_hub_download(repo_id, PIPELINE_INDEX, revision=revision)).read_text())
+        patterns = allowed_patterns(index, allow_pickle_weights)
         return Path(
-            snapshot_download(repo_id, revision=revision, ignore_patterns=ignore, local_dir=workdir / "download")
+            snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_dir=workdir / "download")
         )
     except (OSError, ValueError) as error:  # hub errors derive from these; offline is a ConnectionError
         raise SourceError(

@@ -93,13 +93,9 @@ class HandlerConfig(GenerationDefaults, Limits):
     )
     compile_mode: CompileMode = Field("default", description="torch.compile mode")
     compile_backend: str = Field("inductor", description="torch.compile backend")
-    loras: dict[str, str] = Field(
-        {}, description="LoRA adapters by name: a path inside the archive, a local path or a hub id; loaded once"
-    )
-    controlnets: dict[str, str] = Field(
-        {}, description="ControlNets by name (canny, ...): a path inside the archive, a local path or a hub id"
-    )
-    refiner: str | None = Field(None, description="an SDXL refiner pipeline: a path inside the archive or a hub id")
+    loras: dict[str, str] = Field({}, description="LoRA adapters by name, each a path inside the archive; loaded once")
+    controlnets: dict[str, str] = Field({}, description="ControlNets by name (canny, ...), each a path inside the archive")
+    refiner: str | None = Field(None, description="an SDXL refiner pipeline: a path inside the archive")
     refiner_switch: float = Field(
         0.8, gt=0, lt=1, description="fraction of the denoising done by the base model before the refiner takes over"
     )

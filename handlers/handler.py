@@ -51,7 +51,7 @@ class DiffusersHandler(BaseHandler):
         if self.config.refiner:
             # The refiner shares the base's second text encoder and VAE rather than loading copies.
             refiner = load_pipeline(
-                resolve_reference(self.config.refiner, pipeline_dir),
+                resolve_reference(self.config.refiner, pipeline_dir, "refiner"),
                 dtype,
                 allow_pickle,
                 text_encoder_2=self.pipeline.text_encoder_2,

@@ -2,7 +2,7 @@
 
 import json
 import logging
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import diffusers
 import torch
@@ -49,10 +49,22 @@ def load_pipeline(source: str | Path, dtype: torch.dtype, allow_pickle_weights: 
     return pipeline
 
 
-def resolve_reference(reference: str, pipeline_dir: Path) -> str:
-    """An adapter given as a path inside the archive, a local path, or a hub id."""
-    inside = pipeline_dir / reference
-    return str(inside) if inside.exists() else reference
+def resolve_reference(reference: str, pipeline_dir: Path, setting: str) -> Path:
+    """A `handler:` setting's path, which must lead to something inside the archive.
+
+    The archive is what was checked when it was built; a path out of it, or a hub id fetched at
+    start-up, would load whatever sits there on the serving machine.
+    """
+    root = pipeline_dir.resolve()
+    inside = (root / reference).resolve()
+    if PurePosixPath(reference).is_absolute() or ".." in PurePosixPath(reference).parts or not inside.is_relative_to(root):
+        raise ValueError(f"{setting}: {reference!r} leads outside the archive; only paths inside it are loaded")
+    if not inside.exists():
+        raise ValueError(
+            f"{setting}: {reference!r} is not in the archive (hub ids and outside paths are not loaded at start-up); "
+            "pack it with the archiver's --lora, --controlnet or --refiner"
+        )
+    return inside
 
 
 def load_loras(pipeline: DiffusionPipeline, loras: dict[str, str], pipeline_dir: Path, allow_pickle: bool) -> None:
@@ -60,7 +72,9 @@ def load_loras(pipeline: DiffusionPipeline, loras: dict[str, str], pipeline_dir:
     for name, reference in loras.items():
         logger.info("loading LoRA adapter %r from %s", name, reference)
         pipeline.load_lora_weights(
-            resolve_reference(reference, pipeline_dir), adapter_name=name, use_safetensors=None if allow_pickle else True
+            resolve_reference(reference, pipeline_dir, f"loras.{name}"),
+            adapter_name=name,
+            use_safetensors=None if allow_pickle else True,
         )
     if loras:
         pipeline.disable_lora()  # requests that name no adapter get the base model
@@ -72,15 +86,15 @@ def load_controlnets(
     """Each ControlNet as the model class its config names (ControlNetModel, FluxControlNetModel, ...)."""
     loaded = {}
     for name, reference in controlnets.items():
-        source = resolve_reference(reference, pipeline_dir)
+        source = resolve_reference(reference, pipeline_dir, f"controlnets.{name}")
         model_class = getattr(diffusers, _config_class_name(source) or "ControlNetModel")
         logger.info("loading ControlNet %r (%s) from %s", name, model_class.__name__, source)
         loaded[name] = model_class.from_pretrained(source, dtype=dtype, use_safetensors=None if allow_pickle else True)
     return loaded
 
 
-def _config_class_name(source: str) -> str | None:
-    config = Path(source) / "config.json"
+def _config_class_name(source: Path) -> str | None:
+    config = source / "config.json"
     return json.loads(config.read_text()).get("_class_name") if config.is_file() else None
 
 

@@ -76,3 +76,26 @@ def attach_requests(context: Context, body_types: list[str | None], headers: lis
 
 def read_model_config(archive_dir: Path) -> dict:
     return yaml.safe_load((archive_dir / "model-config.yaml").read_text())
+
+
+def plant_hostile_files(pipeline_dir: Path, marker_dir: Path) -> None:
+    """What a hostile (or careless) model directory may hold besides its pipeline.
+
+    Each planted module touches a file in marker_dir when imported, so a test can tell if it ran.
+    """
+    marker_dir.mkdir(parents=True, exist_ok=True)
+
+    def planted(name: str) -> str:
+        return f"import pathlib\npathlib.Path({str(marker_dir / name)!r}).touch()\n"
+
+    # An Inference Endpoints-style handler.py, which torch-model-archiver would copy over ours.
+    (pipeline_dir / "handler.py").write_text(
+        planted("handler.py") + "from ts.torch_handler.base_handler import BaseHandler\n\nclass EndpointHandler(BaseHandler):\n    pass\n"
+    )
+    (pipeline_dir / "yaml.py").write_text(planted("yaml.py"))  # would shadow PyYAML on the worker's path
+    (pipeline_dir / "handlers").mkdir(exist_ok=True)
+    (pipeline_dir / "handlers" / "pipelines.py").write_text(planted("handlers-pipelines.py"))
+    (pipeline_dir / "model-config.yaml").write_text("handler:\n  allow_pickle_weights: true\n")
+    (pipeline_dir / "tokenizer" / "tokenization_evil.py").write_text(planted("tokenization_evil.py"))
+    (pipeline_dir / "unet" / ".credentials").write_text("a nested dotfile")
+    (pipeline_dir / "README.md").write_text("a model card")

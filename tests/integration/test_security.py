@@ -2,6 +2,7 @@
 environment variables, per-model pip installs, allowed_urls and key expiry."""
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -11,7 +12,8 @@ import pytest
 import requests
 
 from archiver.server import REPO_ROOT, TorchServe
-from tests.integration.conftest import TINY
+from tests.conftest import plant_hostile_files
+from tests.integration.conftest import TINY, build_archive
 
 # What an attacker who can set the server's environment would try; enable_envvars_config=false ignores it.
 HOSTILE_ENVIRONMENT = {
@@ -128,3 +130,17 @@ def test_allowed_urls_admit_only_the_model_store(tmp_path, model_store):
             assert refused.status_code == 404
             assert "does not match any allowed URL" in refused.json()["message"]
         assert register(f"{TINY}.mar").status_code == 200  # by name, from the model store
+
+
+def test_a_worker_served_from_a_hostile_model_directory_never_runs_its_planted_code(tmp_path, tiny_pipeline_dir):
+    source = tmp_path / "hostile"
+    shutil.copytree(tiny_pipeline_dir, source)
+    markers = tmp_path / "markers"
+    plant_hostile_files(source, markers)
+    store = tmp_path / "store"
+    build_archive(store, "hostile", "--source", str(source), "--height", "64", "--width", "64",
+                  "--num-inference-steps", "2")
+    with TorchServe(tmp_path / "server", store, {"hostile": "hostile.mar"}) as server:
+        response = server.predict("hostile", json={"prompt": "a cat", "seed": 1, "output_format": "png"})
+        assert response.status_code == 200 and response.headers["Content-Type"] == "image/png"
+    assert sorted(path.name for path in markers.iterdir()) == []

@@ -1,14 +1,18 @@
+import json
 import os
 import shutil
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 import yaml
 
 from archiver.build import REPO_ROOT
 from archiver.cli import main
+from archiver.contents import allowed_patterns
+from tests.conftest import plant_hostile_files
 
 
 def build(tmp_path, *options):
@@ -89,3 +93,79 @@ def test_the_cli_prints_only_its_own_output(arguments):
     assert result.returncode == 0
     assert result.stdout.startswith("usage: python -m archiver")
     assert result.stderr == ""
+
+
+def hostile_copy(tmp_path, tiny_pipeline_dir) -> Path:
+    pipeline = tmp_path / "hostile"
+    shutil.copytree(tiny_pipeline_dir, pipeline)
+    plant_hostile_files(pipeline, tmp_path / "markers")
+    return pipeline
+
+
+def test_only_what_the_pipeline_is_made_of_is_packed(tmp_path, tiny_pipeline_dir, capsys):
+    pipeline = hostile_copy(tmp_path, tiny_pipeline_dir)
+    assert build(tmp_path, "--source", str(pipeline), "--model-name", "clean") == 0
+    output = capsys.readouterr().out
+    with zipfile.ZipFile(tmp_path / "store" / "clean.mar") as archive:
+        names = set(archive.namelist())
+        packed_handler = archive.read("handler.py")
+        packed_config = yaml.safe_load(archive.read("model-config.yaml"))
+    assert packed_handler == (REPO_ROOT / "handlers" / "handler.py").read_bytes()  # ours, not the planted one
+    assert "allow_pickle_weights" not in packed_config["handler"]
+    assert not {"yaml.py", "README.md"} & names
+    assert archive_member_is_ours(tmp_path / "store" / "clean.mar", "handlers/pipelines.py")
+    assert not [name for name in names if name.endswith("evil.py") or ".credentials" in name]
+    for left_out, why in (("handler.py", "Python code"), ("yaml.py", "Python code"), ("unet/.credentials", "hidden"),
+                          ("tokenizer/tokenization_evil.py", "Python code"), ("README.md", "not model_index.json")):
+        assert f"leaving out {left_out}: " in output and why in output.split(f"leaving out {left_out}: ")[1].splitlines()[0]
+    assert not list((tmp_path / "markers").iterdir())
+
+
+def archive_member_is_ours(mar: Path, name: str) -> bool:
+    with zipfile.ZipFile(mar) as archive:
+        return archive.read(name) == (REPO_ROOT / name).read_bytes()
+
+
+def test_a_link_out_of_the_source_refuses_the_build(tmp_path, tiny_pipeline_dir, capsys):
+    pipeline = tmp_path / "linked"
+    shutil.copytree(tiny_pipeline_dir, pipeline)
+    secret = tmp_path / "secret-token.txt"
+    secret.write_text("hf_secret")
+    (pipeline / "tokenizer" / "notes.txt").symlink_to(secret)
+    assert build(tmp_path, "--source", str(pipeline), "--model-name", "linked") == 2
+    output = capsys.readouterr().out
+    assert "tokenizer/notes.txt is a link to" in output and "outside" in output
+    assert not (tmp_path / "store" / "linked.mar").exists()
+
+
+def test_a_link_inside_the_source_is_packed_as_the_file_it_names(tmp_path, tiny_pipeline_dir):
+    pipeline = tmp_path / "inner-link"
+    shutil.copytree(tiny_pipeline_dir, pipeline)
+    tokenizer = pipeline / "tokenizer" / "tokenizer.json"
+    moved = pipeline / "tokenizer" / "tokenizer-blob.json"
+    tokenizer.rename(moved)
+    tokenizer.symlink_to(moved)
+    assert build(tmp_path, "--source", str(pipeline), "--model-name", "inner", "--archive-format", "no-archive") == 0
+    packed = tmp_path / "store" / "inner" / "tokenizer" / "tokenizer.json"
+    assert not packed.is_symlink() and packed.read_bytes() == moved.read_bytes()
+
+
+@pytest.mark.parametrize("component", ["handlers", "MAR-INF", "../escape", ".hidden"])
+def test_a_component_named_like_a_path_of_ours_refuses_the_build(tmp_path, tiny_pipeline_dir, capsys, component):
+    pipeline = tmp_path / "renamed"
+    shutil.copytree(tiny_pipeline_dir, pipeline)
+    index = json.loads((pipeline / "model_index.json").read_text())
+    index[component] = ["diffusers", "AutoencoderKL"]
+    (pipeline / "model_index.json").write_text(json.dumps(index))
+    assert build(tmp_path, "--source", str(pipeline), "--model-name", "renamed") == 2
+    assert f"names a component {component!r}" in capsys.readouterr().out
+
+
+def test_hub_downloads_ask_only_for_the_allowlisted_files():
+    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "safety_checker": [None, None]}
+    patterns = allowed_patterns(index)
+    assert patterns[0] == "model_index.json"
+    assert {pattern.split("/")[0] for pattern in patterns[1:]} == {"unet", "tokenizer"}
+    assert not [pattern for pattern in patterns if pattern.endswith((".py", ".bin", ".ckpt"))]
+    assert "unet/*.bin" in allowed_patterns(index, allow_pickle_weights=True)

@@ -286,3 +286,29 @@ def test_pickle_weights_are_never_opened_by_default(tmp_path, tiny_pipeline_dir)
     with pytest.raises(OSError, match="no file named diffusion_pytorch_model.safetensors"):
         handler.initialize(make_context(model_dir, SMALL))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "setting, reference, message",
+    [
+        ("loras", "/etc", "leads outside the archive"),
+        ("loras", "../../outside", "leads outside the archive"),
+        ("controlnets", "lllyasviel/sd-controlnet-canny", "is not in the archive"),
+        ("refiner", "stabilityai/stable-diffusion-xl-refiner-1.0", "is not in the archive"),
+    ],
+)
+def test_handler_section_paths_must_stay_inside_the_archive(tiny_pipeline_dir, setting, reference, message):
+    value = reference if setting == "refiner" else {"extra": reference}
+    handler = DiffusersHandler()
+    with pytest.raises(ValueError, match=message):
+        handler.initialize(make_context(tiny_pipeline_dir, {**SMALL, setting: value}))
+
+
+def test_a_link_inside_the_archive_that_leads_out_is_refused(tmp_path, tiny_pipeline_dir):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_pipeline_dir, model_dir)
+    (model_dir / "loras").mkdir()
+    (model_dir / "loras" / "style").symlink_to(tmp_path)
+    handler = DiffusersHandler()
+    with pytest.raises(ValueError, match="leads outside the archive"):
+        handler.initialize(make_context(model_dir, {**SMALL, "loras": {"style": "loras/style"}}))
