@@ -7,6 +7,8 @@ from typing import get_args
 import yaml
 
 from archiver.build import REPO_ROOT, ServingConfig, build_archive
+
+TORCHSERVE_MAX_RESPONSE_SIZE = 6_553_500  # TorchServe's default, for a config.properties that sets none
 from archiver.contents import UnsafePipeline
 from archiver.sources import (
     BUILT_IN,
@@ -22,6 +24,7 @@ from archiver.sources import (
     resolve_source,
 )
 from handlers.config import Batching, GenerationDefaults, HandlerConfig, OutputFormat, TorchDtype
+from handlers.request import check_defaults_fit
 from handlers.schedulers import SCHEDULERS
 
 
@@ -49,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_argument("--max-batch-delay", type=int, default=100, help="milliseconds to wait to fill a batch")
     serving.add_argument("--response-timeout", type=int, default=600, help="seconds per batch")
     serving.add_argument("--startup-timeout", type=int, default=600, help="seconds to load the model")
+    serving.add_argument(
+        "--server-config",
+        type=Path,
+        default=REPO_ROOT / "config.properties",
+        help="the config.properties that will serve the archive: its max_response_size and service_envelope "
+        "become the handler's max_response_bytes and service_envelope (default: %(default)s)",
+    )
 
     handler = build.add_argument_group(
         "generation defaults written into the handler: section",
@@ -108,10 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.allow_unsafe_weights:
         handler_section["allow_pickle_weights"] = True
     try:
+        handler_section.update(server_settings(args.server_config))
         handler_section.update(parse_assignments(args.handler_options, "--set"))
         controlnet_sources = parse_assignments(args.controlnet, "--controlnet", as_yaml=False)
         lora_sources = parse_assignments(args.lora, "--lora", as_yaml=False)
-        HandlerConfig(**handler_section)
+        config = HandlerConfig(**handler_section)
+        check_defaults_fit(config.generation_defaults, config.limits, config.service_envelope)
     except ValueError as error:  # pydantic's ValidationError is one
         print(f"error: {error}")
         return 2
@@ -161,6 +173,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}")
             return 2
     return 0
+
+
+def server_settings(config_path: Path) -> dict:
+    """What the handler must know of the server that serves it, which TorchServe does not tell a worker."""
+    properties = read_properties(config_path)
+    settings = {"max_response_bytes": int(properties.get("max_response_size", TORCHSERVE_MAX_RESPONSE_SIZE))}
+    if properties.get("service_envelope"):
+        settings["service_envelope"] = properties["service_envelope"]
+    return settings
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """The key=value settings of a TorchServe config.properties file."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as error:
+        raise ValueError(f"--server-config: cannot read {path}: {error.strerror}") from None
+    pairs = (line.split("=", 1) for line in lines if "=" in line and not line.lstrip().startswith("#"))
+    return {key.strip(): value.strip() for key, value in pairs}
 
 
 def parse_assignments(assignments: list[str], option: str, as_yaml: bool = True) -> dict:

@@ -1,15 +1,22 @@
-"""Encode generated images into response bodies."""
+"""Encode generated images into response bodies, and bound their size before any work."""
+
+from __future__ import annotations
 
 import base64
 import io
 import json
-from typing import Any
+import math
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image as PILImage
 from PIL.Image import Image
 
 from handlers.images import IMAGE_FIELDS
-from handlers.request import GenerationRequest
+
+if TYPE_CHECKING:  # request.py checks answer sizes with this module, so only the type is imported here
+    from handlers.request import GenerationRequest
 
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
@@ -70,9 +77,14 @@ def compact_json(value: Any) -> str:
 
 def json_document(request: GenerationRequest, images: list[Image], image_format: str) -> dict:
     """Base64 images with the seeds and parameters that made them."""
+    encoded = [base64.b64encode(encode_image(image, image_format, request.quality)).decode() for image in images]
+    return document_of(request, encoded, image_format)
+
+
+def document_of(request: GenerationRequest, encoded_images: list[str], image_format: str) -> dict:
     parameters = request.model_dump(exclude={"output_format", "quality", "stream", *IMAGE_FIELDS})
     return {
-        "images": [base64.b64encode(encode_image(image, image_format, request.quality)).decode() for image in images],
+        "images": encoded_images,
         "content_type": IMAGE_TYPES[image_format],
         "seeds": request.image_seeds,
         "parameters": parameters,
@@ -103,3 +115,65 @@ def stream_result(request: GenerationRequest, images: list[Image]) -> tuple[str,
     """The last line of a stream: the json document, its images in png unless jpeg or webp was asked for."""
     image_format = request.output_format if request.output_format in IMAGE_TYPES else "png"
     return compact_json(json_document(request, images, image_format)) + "\n", NDJSON
+
+
+# What an encoded image can take, measured on uniform noise (the worst case) at quality 100:
+# PNG 3.01, JPEG 1.98 and WebP 1.11 bytes per pixel. Headers and chunking fit in the constant.
+ENCODED_BYTES_PER_PIXEL = 3.1
+ENCODED_OVERHEAD_BYTES = 8192
+
+
+def answer_size_bound(request: GenerationRequest, envelope: str = "none") -> int:
+    """The most bytes the answer to this request can take on the wire, known before any work.
+
+    The format, the size and the image count bound it. Inside a KServe envelope TorchServe
+    re-serialises the answer with json.dumps(indent=2), which the bound includes.
+    """
+    if request.output_format == "numpy":
+        return numpy_size_bound(request.height, request.width, request.image_count, envelope)
+    image_bytes = math.ceil(request.height * request.width * ENCODED_BYTES_PER_PIXEL) + ENCODED_OVERHEAD_BYTES
+    if request.output_format in IMAGE_TYPES and request.image_count == 1 and envelope == "none" and not request.stream:
+        return image_bytes
+    image_format = request.output_format if request.output_format in IMAGE_TYPES else "png"
+    placeholders = ["A" * (4 * math.ceil(image_bytes / 3))] * request.image_count  # base64 of image_bytes
+    document = document_of(request, placeholders, image_format)
+    text = compact_json(document) if envelope == "none" else json.dumps({"predictions": [document]}, indent=2)
+    return len(text.encode()) + STREAM_PROGRESS_BYTES * request.num_inference_steps * request.stream
+
+
+# A progress line, {"step":150,"total":150,"elapsed":12345.678}, with room to spare.
+STREAM_PROGRESS_BYTES = 64
+
+
+def numpy_size_bound(height: int, width: int, count: int, envelope: str = "none") -> int:
+    """The numpy-list answer's size for count images, from its exact size at a few tiny sizes.
+
+    The body is linear in height x width and in height (every value, pixel and row has a fixed
+    cost once values are three digits wide, their worst case), so three tiny measurements of two
+    white images give the per-image cost at any size. Two images nest one level deeper than one,
+    so the per-image cost measured there also bounds a single image.
+    """
+    pixel, row, shell = _numpy_size_coefficients(envelope)
+    return math.ceil(count * (pixel * height * width + row * height)) + shell + ENVELOPE_NAMES_BYTES
+
+
+# Room for what an envelope adds around the values: the request id, the model's name and version.
+ENVELOPE_NAMES_BYTES = 1024
+
+
+@cache
+def _numpy_size_coefficients(envelope: str) -> tuple[float, float, int]:
+    def size(height: int, width: int) -> int:
+        images = [PILImage.new("RGB", (width, height), (255, 255, 255))] * 2
+        if envelope == "none":
+            return len(encode_numpy_json(images))
+        if envelope == "kservev2":  # its envelope flattens the array into one list of values
+            flat = np.asarray(numpy_list(images)).flatten().tolist()
+            output = {"name": "prompt", "datatype": "INT64", "data": flat, "shape": [len(flat)]}
+            return len(json.dumps({"id": "", "model_name": "", "model_version": "", "outputs": [output]}, indent=2))
+        return len(json.dumps({"predictions": [numpy_list(images)]}, indent=2))
+
+    one = size(1, 1)
+    pixel = size(1, 2) - one  # per extra pixel, for two images
+    row = size(2, 1) - one - pixel  # per extra row, for two images
+    return pixel / 2, row / 2, one

@@ -39,6 +39,12 @@ class GenerationDefaults(BaseModel):
     use_refiner: bool = Field(True, description="finish txt2img with the refiner, when the model has one")
 
 
+# Eight 1024x1024 images of 50 steps. The tiny default model runs about 2 million pixel-steps a
+# second on a 2-core CPU, so this budget ends within the default responseTimeout (600 s) there;
+# a GPU runs real models many times faster. Set it for your model and hardware.
+DEFAULT_MAX_WORK = 8 * 50 * 1024 * 1024
+
+
 class Limits(BaseModel):
     """Per-model caps that protect the worker; requests past them get 400 or 413."""
 
@@ -49,6 +55,17 @@ class Limits(BaseModel):
     max_images_per_request: int = Field(16, ge=1, description="prompts x num_images_per_prompt")
     max_input_pixels: int = Field(
         4096 * 4096, ge=64 * 64, description="width x height of an input image, checked before it is decoded"
+    )
+    max_response_bytes: int = Field(
+        104_857_600,
+        ge=1,
+        description="the server's max_response_size (the archiver copies it from config.properties); an answer "
+        "that could be larger is refused with 413 before any work, since TorchServe would drop it and the worker",
+    )
+    max_work: int = Field(
+        DEFAULT_MAX_WORK,
+        ge=1,
+        description="denoising steps x height x width x images one request may ask for; past it, 413 before any work",
     )
 
 

@@ -9,9 +9,9 @@ from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
 
 from handlers.archive import locate_pipeline
-from handlers.codecs import JSON, NDJSON, encode_response, progress_line, stream_result
+from handlers.codecs import JSON, NDJSON, answer_size_bound, encode_response, progress_line, stream_result
 from handlers.config import load_handler_config
-from handlers.errors import InternalError, RequestError
+from handlers.errors import InternalError, PayloadTooLarge, RequestError
 from handlers.generation import ImageGenerator
 from handlers.metrics import GenerationMetrics
 from handlers.pipelines import (
@@ -25,7 +25,14 @@ from handlers.pipelines import (
     resolve_reference,
     select_device,
 )
-from handlers.request import Adapters, GenerationRequest, is_v2_inputs, merge_v2_inputs, parse_request
+from handlers.request import (
+    Adapters,
+    GenerationRequest,
+    check_defaults_fit,
+    is_v2_inputs,
+    merge_v2_inputs,
+    parse_request,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +76,7 @@ class DiffusersHandler(BaseHandler):
         if self.config.torch_compile:
             compile_denoiser(self.pipeline, self.config)
             self.warm_up()
+        check_defaults_fit(self.defaults, self.limits, self.config.service_envelope)
         self.metrics = GenerationMetrics(context.metrics, context.model_name)
         # The envelope JSON-encodes whatever the handler returns: answers must be JSON values, not bytes.
         self.enveloped = self.config.service_envelope != "none"
@@ -94,7 +102,38 @@ class DiffusersHandler(BaseHandler):
             ]
         if self.config.service_envelope == "kservev2" and is_v2_inputs(data):
             data = [merge_v2_inputs(data)]  # the kservev2 envelope splits one request into its inputs
-        return [self._parse(index, row) for index, row in enumerate(data)]
+        if self.enveloped and len(data) > self.limits.max_images_per_request:
+            return [self._too_many_instances(f"{len(data)} instances")]
+        requests = [self._parse(index, row) for index, row in enumerate(data)]
+        if self.enveloped:
+            return self._within_envelope_totals(requests)
+        return requests
+
+    def _within_envelope_totals(self, requests: list) -> list:
+        """The instances of one KServe request share one answer: the caps hold for all of them together."""
+        valid = [request for request in requests if not isinstance(request, RequestError)]
+        images = sum(request.image_count for request in valid)
+        if images > self.limits.max_images_per_request:
+            return [self._too_many_instances(f"{images} images")]
+        answer_bytes = sum(answer_size_bound(request, self.config.service_envelope) for request in valid)
+        if answer_bytes > self.limits.max_response_bytes:
+            return [
+                PayloadTooLarge(
+                    f"the instances' answers could take {answer_bytes} bytes together, over the server's limit of "
+                    f"{self.limits.max_response_bytes}: send fewer instances, or ask for png, jpeg or webp",
+                    field="instances",
+                    allowed={"max_response_bytes": self.limits.max_response_bytes},
+                )
+            ]
+        return requests
+
+    def _too_many_instances(self, asked: str) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"the envelope asks for {asked}; one HTTP request may ask for at most "
+            f"{self.limits.max_images_per_request} images in all",
+            field="instances",
+            allowed={"max_images_per_request": self.limits.max_images_per_request},
+        )
 
     def _parse(self, index: int, row) -> GenerationRequest | RequestError:
         try:
@@ -105,6 +144,7 @@ class DiffusersHandler(BaseHandler):
                 body_type=(self._header(index, "body") or {}).get("content-type"),
                 accept=self._header(index, "Accept"),
                 adapters=self.adapters,
+                envelope=self.config.service_envelope,
             )
         except RequestError as error:
             return error

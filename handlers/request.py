@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from PIL.Image import Image
 from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
+from handlers.codecs import answer_size_bound
 from handlers.config import GenerationDefaults, Limits
 from handlers.errors import PayloadTooLarge, RequestError, excerpt
 from handlers.images import HOW_TO_SEND_AN_IMAGE, IMAGE_FIELDS, decode_image
@@ -104,6 +105,11 @@ class GenerationRequest(GenerationDefaults):
         return 1.0 if self.task == "inpaint" else 0.8
 
     @property
+    def work(self) -> int:
+        """What the request costs, in pixel-steps: denoising steps x height x width x images."""
+        return self.denoising_steps * self.height * self.width * self.image_count
+
+    @property
     def denoising_steps(self) -> int:
         """The steps that run: img2img and inpaint skip the first (1 - strength) of the schedule."""
         if self.task == "txt2img":
@@ -128,6 +134,7 @@ def parse_request(
     body_type: str | None = None,
     accept: str | None = None,
     adapters: Adapters = Adapters(),
+    envelope: str = "none",
 ) -> GenerationRequest:
     """Validate a row against GenerationRequest: built-in defaults, then the model's, then the request's.
 
@@ -149,7 +156,7 @@ def parse_request(
         request = GenerationRequest(**{**defaults.model_dump(), **fields})
     except ValidationError as error:
         raise _as_request_error(error) from None
-    check_limits(request, limits)
+    check_limits(request, limits, envelope)
     check_task_inputs(request)
     check_adapters(request, adapters)
     for name in IMAGE_FIELDS:
@@ -288,7 +295,19 @@ def format_from_accept(accept: str | None) -> str | None:
     return None
 
 
-def check_limits(request: GenerationRequest, limits: Limits) -> None:
+def check_defaults_fit(defaults: GenerationDefaults, limits: Limits, envelope: str = "none") -> None:
+    """At start-up: a request that sets nothing must pass the model's own limits."""
+    try:
+        check_limits(GenerationRequest(**{**defaults.model_dump(), "prompt": "x", "seed": 0}), limits, envelope)
+    except RequestError as error:
+        raise ValueError(
+            f"the handler: section's defaults break its own limits, so every request that relies on them would "
+            f"be refused: {error.message}. Raise the limit (max_response_size in config.properties, then "
+            "rebuild the archive) or change the default"
+        ) from None
+
+
+def check_limits(request: GenerationRequest, limits: Limits, envelope: str = "none") -> None:
     if request.num_images_per_prompt > limits.max_images_per_prompt:
         raise RequestError(
             f"num_images_per_prompt: at most {limits.max_images_per_prompt} (got {request.num_images_per_prompt})",
@@ -308,6 +327,23 @@ def check_limits(request: GenerationRequest, limits: Limits) -> None:
             f"at most {limits.max_images_per_request} are allowed",
             field="num_images_per_prompt",
             allowed={"max_images_per_request": limits.max_images_per_request},
+        )
+    if request.work > limits.max_work:
+        raise PayloadTooLarge(
+            f"the request asks for {request.denoising_steps} steps x {request.width}x{request.height} pixels x "
+            f"{request.image_count} images = {request.work} pixel-steps; this model allows {limits.max_work} per "
+            "request: ask for fewer steps, fewer images or smaller images",
+            field="num_inference_steps",
+            allowed={"max_work": limits.max_work},
+        )
+    answer_bytes = answer_size_bound(request, envelope)
+    if answer_bytes > limits.max_response_bytes:
+        raise PayloadTooLarge(
+            f"the answer could take {answer_bytes} bytes as {request.output_format}, over the server's limit of "
+            f"{limits.max_response_bytes}: ask for a compressed output_format (png, jpeg, webp), fewer images, "
+            "or smaller images",
+            field="output_format",
+            allowed={"max_response_bytes": limits.max_response_bytes, "output_format": ["png", "jpeg", "webp"]},
         )
 
 

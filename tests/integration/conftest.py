@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from archiver.cli import read_properties  # noqa: F401 - the tests read config files as the archiver does
 from archiver.server import REPO_ROOT, TorchServe
 
 TINY = "tiny_sd"  # small defaults from its model-config.yaml, for fast tests
@@ -44,12 +45,6 @@ def server(tmp_path_factory, model_store):
         yield torchserve
     finally:
         torchserve.stop()
-
-
-def read_properties(path: Path) -> dict[str, str]:
-    """The key=value settings of a TorchServe config.properties file."""
-    lines = [line for line in path.read_text().splitlines() if "=" in line and not line.startswith("#")]
-    return dict(line.split("=", 1) for line in lines)
 
 
 def png(image: Image.Image) -> bytes:

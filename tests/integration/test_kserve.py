@@ -5,6 +5,7 @@ request body to /predictions/<model>, as these tests do."""
 import base64
 import io
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -27,7 +28,8 @@ def kserve_store(tmp_path_factory, envelope: str):
     # answer one request per batch.
     build_archive(
         store, MODEL, "--source", "tiny", "--height", "64", "--width", "64", "--num-inference-steps", "2",
-        "--batch-size", "4", "--max-batch-delay", "200", "--set", f"service_envelope={envelope}",
+        "--batch-size", "4", "--max-batch-delay", "200", "--server-config", str(KSERVE_CONFIG),
+        "--set", f"service_envelope={envelope}",
     )
     return store
 
@@ -140,3 +142,13 @@ def test_v2_bad_input_answers_400_and_the_next_request_succeeds(v2):
     # TorchServe's kservev2 envelope flattens every output, so the numpy list arrives as H*W*3 values.
     assert output["shape"] == [64 * 64 * 3]
     assert np.array(output["data"], dtype="uint8").reshape(64, 64, 3).std() > 0
+
+
+def test_v1_instances_are_capped_per_http_request(v1):
+    body = {"instances": ["a cat"] * 3200}  # about 30 kB asking for 3,200 images
+    started = time.monotonic()
+    response = post(v1, body)
+    assert response.status_code == 413 and time.monotonic() - started < 10
+    [error] = response.json()["predictions"]
+    assert error["field"] == "instances" and "3200 instances" in error["error"]
+    assert post(v1, {"instances": ["a cat"]}).status_code == 200

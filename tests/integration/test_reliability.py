@@ -224,3 +224,33 @@ def wait_for_new_worker(server, previous: int, timeout_s: float = 180) -> None:
             return
         assert time.monotonic() < deadline, f"no new READY worker after kill -9: {workers}"
         time.sleep(0.2)
+
+
+GREEDY = {
+    # 126 MB as the numpy list: over max_response_size, so TorchServe would drop it and the worker.
+    "answer over max_response_size": {"prompt": "digit 1", "height": 1536, "width": 1536, "num_images_per_prompt": 4,
+                                      "num_inference_steps": 1},
+    # 16 images at 1536x1536 and 150 steps: far past responseTimeout.
+    "work past the budget": {"prompt": ["a cat", "a dog"], "num_images_per_prompt": 8, "height": 1536, "width": 1536,
+                             "num_inference_steps": 150, "output_format": "png"},
+}
+
+
+@pytest.mark.parametrize("body", GREEDY.values(), ids=GREEDY.keys())
+def test_a_greedy_request_gets_413_at_once_and_its_batch_mates_their_images(server, body):
+    pid = worker_pid(server)
+    barrier = threading.Barrier(4)
+
+    def send(fields: dict) -> tuple[int, float, requests.Response]:
+        barrier.wait()
+        started = time.monotonic()
+        response = server.predict(MODEL, json=fields, timeout=120)
+        return response.status_code, time.monotonic() - started, response
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(send, [body, *({"prompt": "a red square", "seed": seed} for seed in range(3))]))
+    (status, seconds, response), *neighbours = results
+    assert status == 413 and seconds < 10, (status, seconds, response.text)
+    assert response.json()["field"] in ("output_format", "num_inference_steps")
+    assert [neighbour_status for neighbour_status, _, _ in neighbours] == [200, 200, 200]
+    assert worker_pid(server) == pid

@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from archiver.build import REPO_ROOT
-from archiver.cli import main
+from archiver.cli import main, read_properties
 from archiver.contents import allowed_patterns
+from handlers.config import Limits
 from tests.conftest import plant_hostile_files
 
 
@@ -169,3 +170,21 @@ def test_hub_downloads_ask_only_for_the_allowlisted_files():
     assert {pattern.split("/")[0] for pattern in patterns[1:]} == {"unet", "tokenizer"}
     assert not [pattern for pattern in patterns if pattern.endswith((".py", ".bin", ".ckpt"))]
     assert "unet/*.bin" in allowed_patterns(index, allow_pickle_weights=True)
+
+
+def test_the_server_config_sets_the_answer_limit_and_the_envelope(tmp_path, tiny_pipeline_dir, capsys):
+    server_config = tmp_path / "config.properties"
+    server_config.write_text("# a KServe-style config\nservice_envelope=kserve\nmax_response_size=50000000\n")
+    assert build(tmp_path, "--source", str(tiny_pipeline_dir), "--model-name", "k", "--server-config", str(server_config)) == 0
+    with zipfile.ZipFile(tmp_path / "store" / "k.mar") as archive:
+        handler = yaml.safe_load(archive.read("model-config.yaml"))["handler"]
+    assert (handler["service_envelope"], handler["max_response_bytes"]) == ("kserve", 50_000_000)
+    # TorchServe's default limit cannot carry the default 768x768 numpy answer: refused at build time.
+    server_config.write_text("inference_address=http://127.0.0.1:8080\n")
+    assert build(tmp_path, "--source", str(tiny_pipeline_dir), "--model-name", "small", "--server-config", str(server_config)) == 2
+    assert "max_response_size" in capsys.readouterr().out
+
+
+def test_the_handler_default_answer_limit_is_the_shipped_config_s():
+    for config in ("config.properties", "docker/config.properties", "kserve/config.properties"):
+        assert int(read_properties(REPO_ROOT / config)["max_response_size"]) == Limits().max_response_bytes, config

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from handlers.codecs import encode_numpy_json, numpy_json
+from handlers.codecs import answer_size_bound, encode_numpy_json, encode_response, numpy_json
+from handlers.request import GenerationRequest
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 3), (2, 3, 3), (7, 5, 3), (64, 48, 3), (3, 3, 1)])
@@ -19,3 +20,37 @@ def test_several_images_are_a_list_of_images():
     body = encode_numpy_json([Image.fromarray(array) for array in arrays])
     assert json.loads(body) == [array.tolist() for array in arrays]
     assert np.array(json.loads(body), dtype="uint8").shape == (3, 2, 2, 3)
+
+
+def noise(height: int, width: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(height * width).integers(0, 256, (height, width, 3), np.uint8))
+
+
+@pytest.mark.parametrize("output_format", ["numpy", "png", "jpeg", "webp", "json"])
+@pytest.mark.parametrize("height, width, count", [(64, 64, 1), (96, 64, 2), (64, 128, 3)])
+def test_the_size_bound_holds_for_the_worst_case_answer(output_format, height, width, count):
+    """Noise at quality 100 is what compresses worst; all-255 values are the numpy list's widest."""
+    request = GenerationRequest(prompt=["a cat"] * count, height=height, width=width, output_format=output_format,
+                                quality=100, seed=0)
+    images = [Image.new("RGB", (width, height), (255, 255, 255)) if output_format == "numpy" else noise(height, width)
+              for _ in range(count)]
+    body, _ = encode_response(request, images)
+    bound = answer_size_bound(request)
+    assert len(body) <= bound
+    if output_format == "numpy":
+        assert bound <= 1.05 * len(body) + 2048  # tight: a bound far above the answer would refuse legal requests
+
+
+@pytest.mark.parametrize("envelope", ["kserve", "kservev2"])
+def test_the_size_bound_includes_what_the_envelope_adds(envelope):
+    request = GenerationRequest(prompt="a cat", height=64, width=64, seed=0)
+    images = [Image.new("RGB", (64, 64), (255, 255, 255))]
+    value, _ = encode_response(request, images, enveloped=True)
+    if envelope == "kserve":
+        body = json.dumps({"predictions": [value]}, indent=2)
+    else:
+        flat = np.asarray(value).flatten().tolist()
+        body = json.dumps({"id": "0" * 36, "model_name": "stable_diffusion", "model_version": "1.0",
+                           "outputs": [{"name": "prompt", "datatype": "INT64", "data": flat, "shape": [len(flat)]}]}, indent=2)
+    assert len(body) <= answer_size_bound(request, envelope) <= 1.25 * len(body)
+    assert answer_size_bound(request, envelope) > 2.5 * answer_size_bound(request)  # indentation: several times the compact list

@@ -312,3 +312,20 @@ def test_a_link_inside_the_archive_that_leads_out_is_refused(tmp_path, tiny_pipe
     handler = DiffusersHandler()
     with pytest.raises(ValueError, match="leads outside the archive"):
         handler.initialize(make_context(model_dir, {**SMALL, "loras": {"style": "loras/style"}}))
+
+
+def test_kserve_instances_share_the_per_request_caps(tiny_pipeline_dir):
+    handler, context = serve(tiny_pipeline_dir, service_envelope="kserve")
+    attach_requests(context, [None])
+    body = {"instances": [{"prompt": "a cat", "num_images_per_prompt": 4}] * 5}  # 20 images over 5 instances
+    [response] = KServeEnvelope(handler.handle).handle([{"body": body}], context)
+    [error] = response["predictions"]
+    assert error["field"] == "instances" and "20 images" in error["error"]
+    assert context.get_response_status(0)[0] == 413
+
+
+def test_defaults_that_break_the_models_own_limits_stop_it_at_start_up(tiny_pipeline_dir):
+    handler = DiffusersHandler()
+    # TorchServe's own default max_response_size cannot hold one 768x768 image as a numpy list.
+    with pytest.raises(ValueError, match="defaults break its own limits.*max_response_size"):
+        handler.initialize(make_context(tiny_pipeline_dir, {"max_response_bytes": 6_553_500}))
