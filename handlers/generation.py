@@ -31,8 +31,13 @@ StepListener = Callable[[list[GenerationRequest], int, int, float], None]
 
 
 def batch_key(request: GenerationRequest) -> tuple:
-    """Requests with equal keys can share one pipeline call."""
+    """Requests with equal keys can share one pipeline call without changing each other's pixels.
+
+    Whether a negative prompt is given is part of it: in a shared call every request without one
+    gets the empty prompt's embedding, where SDXL alone would use zeros (force_zeros_for_empty_prompt).
+    """
     return (
+        bool(request.negative_prompt),
         request.task,
         request.height,
         request.width,

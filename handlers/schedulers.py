@@ -80,14 +80,13 @@ class PipelineViews:
             components["controlnet"] = self.controlnets[controlnet]
         try:
             view = AUTO_PIPELINES[task].from_pipe(self.base, **components)
-        except ValueError as error:
+        except ValueError:
             if task == "txt2img" and controlnet is None:  # a pipeline AutoPipeline does not know
                 view = type(self.base).from_pipe(self.base, **components)
             else:
                 raise RequestError(
                     f"this model ({type(self.base).__name__}) does not support task {task}"
-                    + (" with a ControlNet" if controlnet else "")
-                    + f": {error}",
+                    + (" with a ControlNet" if controlnet else ""),
                     field="task",
                 ) from None
         view.set_progress_bar_config(disable=True)

@@ -152,3 +152,15 @@ def test_v1_instances_are_capped_per_http_request(v1):
     [error] = response.json()["predictions"]
     assert error["field"] == "instances" and "3200 instances" in error["error"]
     assert post(v1, {"instances": ["a cat"]}).status_code == 200
+
+
+def test_what_the_config_leaves_open_in_the_pod_cannot_load_models_or_leak_requests(v2):
+    """kserve/config.properties' own reasons: tokenless management cannot register or unregister,
+    and the metrics port shows no request content."""
+    register = requests.post(f"{v2.management_url}/models", params={"url": "anything.mar"}, timeout=30)
+    unregister = requests.delete(f"{v2.management_url}/models/{MODEL}", timeout=30)
+    assert (register.status_code, unregister.status_code) == (405, 405)
+    secret = "zebra-secret-prompt-4711"
+    assert post(v2, {"inputs": [{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": [secret]}]}).status_code == 200
+    metrics = requests.get(f"{v2.metrics_url}/metrics", timeout=30)
+    assert metrics.status_code == 200 and "diffusion_images_generated" in metrics.text and secret not in metrics.text

@@ -89,3 +89,15 @@ def test_flux_refuses_samplers_it_was_not_trained_for(flux):
     [body] = run_json(handler, context, {"prompt": "a cat", "scheduler": "euler_a"})
     assert context.get_response_status(0)[0] == 400
     assert "does not fit" in body and "FlowMatchEulerDiscreteScheduler" in body
+
+
+def test_sdxl_combined_batching_never_lets_a_negative_prompt_change_a_neighbour(family_archives):
+    """SDXL conditions a request without negative_prompt on zeros, not on the empty prompt's embedding."""
+    handler, context = served = served_family(family_archives["sdxl"], batching="combined", use_refiner=False)
+    plain = {"prompt": "a cat", "output_format": "png", "seed": 3}
+    [alone] = run_json(handler, context, plain)
+    with UNetBatchSizes(handler) as sizes:
+        _, beside = run_json(handler, context, {**plain, "seed": 4, "negative_prompt": "blurry"}, plain)
+    assert np.array_equal(pixels(beside), pixels(alone))
+    assert set(sizes) == {2}  # not combined: one image (x2 for guidance) per call
+    assert generate(served, negative_prompt="blurry").tobytes() != pixels(alone).tobytes()
