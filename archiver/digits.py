@@ -176,23 +176,33 @@ def train_digits_pipeline(workdir: Path, plan: TrainingPlan) -> StableDiffusionP
     )
 
 
-def digit_accuracy(pipeline: StableDiffusionPipeline, samples_per_digit: int = 5, **generation) -> float:
-    """Share of generated digits that a classifier trained on the real digits labels as asked."""
-    from sklearn.datasets import load_digits
-    from sklearn.svm import SVC
+class DigitsOracle:
+    """Says which digit an image shows: a classifier trained on scikit-learn's real 8x8 digits, never
+    on generated images, so it measures the model from outside."""
 
-    digits = load_digits()
-    classifier = SVC(gamma=0.001).fit(digits.data, digits.target)
+    def __init__(self):
+        from sklearn.datasets import load_digits
+        from sklearn.svm import SVC
+
+        digits = load_digits()
+        self.classifier = SVC(gamma=0.001).fit(digits.data, digits.target)
+        self.training_accuracy = self.classifier.score(digits.data, digits.target)
+
+    def labels(self, images) -> list[int]:
+        return [int(label) for label in self.classifier.predict(np.stack([as_digit_features(image) for image in images]))]
+
+
+def digit_accuracy(pipeline: StableDiffusionPipeline, samples_per_digit: int = 5, **generation) -> float:
+    """Share of generated digits that the oracle labels as asked."""
     prompts = [f"digit {digit}" for digit in range(10) for _ in range(samples_per_digit)]
     generators = [torch.Generator().manual_seed(index) for index in range(len(prompts))]
     images = pipeline(prompts, generator=generators, height=IMAGE_SIZE, width=IMAGE_SIZE, **generation).images
-    predicted = classifier.predict(np.stack([as_digit_features(image) for image in images]))
     expected = np.repeat(np.arange(10), samples_per_digit)
-    return float((predicted == expected).mean())
+    return float((np.array(DigitsOracle().labels(images)) == expected).mean())
 
 
 def as_digit_features(image) -> np.ndarray:
-    """A generated image as the 8x8 ink intensities (0-16) that load_digits uses."""
+    """A generated image as the 8x8 ink intensities (0-16) that load_digits uses: dark ink on white."""
     from PIL import Image
 
     small = image.convert("L").resize((8, 8), Image.Resampling.BOX)

@@ -110,6 +110,12 @@ class HandlerConfig(GenerationDefaults, Limits):
     )
     compile_mode: CompileMode = Field("default", description="torch.compile mode")
     compile_backend: str = Field("inductor", description="torch.compile backend")
+    compile_cache_dir: str | None = Field(
+        None,
+        description="where inductor keeps compiled graphs and kernels, so that the next worker (a second one, a "
+        "scaled-up one, a restarted one) loads them instead of compiling; default: inductor's own, "
+        "/tmp/torchinductor_<user>, which every worker on the machine shares. Point it at a volume in containers",
+    )
     loras: dict[str, str] = Field({}, description="LoRA adapters by name, each a path inside the archive; loaded once")
     controlnets: dict[str, str] = Field({}, description="ControlNets by name (canny, ...), each a path inside the archive")
     refiner: str | None = Field(None, description="an SDXL refiner pipeline: a path inside the archive")

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 from pathlib import Path, PurePosixPath
 
 import diffusers
@@ -126,5 +127,14 @@ def apply_memory_options(pipeline: DiffusionPipeline, config: HandlerConfig, dev
 
 def compile_denoiser(pipeline: DiffusionPipeline, config: HandlerConfig) -> None:
     """Compile in place, so every view that shares the module (img2img, schedulers) runs compiled."""
+    if config.compile_cache_dir:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = config.compile_cache_dir  # inductor reads it when it first caches
     denoiser(pipeline).compile(mode=config.compile_mode, backend=config.compile_backend)
+
+
+def compile_counts() -> tuple[int, int]:
+    """Graphs inductor has compiled, and graphs it has loaded from its on-disk cache, in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_miss"], counters["inductor"]["fxgraph_cache_hit"]
 

@@ -13,7 +13,9 @@ results.png.
 
 import argparse
 import csv
+import io
 import json
+import re
 import shutil
 import statistics
 import sys
@@ -27,12 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import requests
+from PIL import Image
 import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from archiver.build import REPO_ROOT, ServingConfig, build_archive  # noqa: E402
+from archiver.cli import main as archiver_main  # noqa: E402
 from archiver.server import TorchServe  # noqa: E402
 from archiver.tiny import build_tiny_pipeline  # noqa: E402
 from handlers.codecs import encode_response  # noqa: E402
@@ -233,6 +237,190 @@ def measure_load(server: TorchServe, plan: Plan) -> dict:
     return results
 
 
+# Not 0: TorchServe 0.12.0 takes a maxBatchDelay of 0 as unset and waits its default 100 ms.
+BATCH_DELAYS_MS = (2, 4, 25, 100)
+C8_REPEATS = 5  # throughput at concurrency 8 varies by about 10 % run to run on 2 cores
+
+
+def measure_batch_delay(workdir: Path, count: int) -> dict:
+    """serve.sh's archive (digits, batchSize 4) at each maxBatchDelay: the wait of a lone request
+    (TorchServe's own "Waiting time ns"), its latency at 1 and 25 steps, and throughput at concurrency 8.
+
+    The concurrency-8 runs go round-robin over the delays, C8_REPEATS times, so that drift in the
+    machine's speed falls on every delay alike; each delay's figure is its median.
+    """
+    store = workdir / "delay-store"
+    for delay in BATCH_DELAYS_MS:
+        assert archiver_main([
+            "build", "--source", "digits", "--model-name", f"delay_{delay}", "--export-path", str(store),
+            "--archive-format", "no-archive", "--batch-size", "4", "--max-batch-delay", str(delay),
+        ]) == 0
+    server, _ = start_server(workdir, store, {f"delay_{delay}": f"delay_{delay}" for delay in BATCH_DELAYS_MS}, "delay")
+    results = {}
+    try:
+        for delay in BATCH_DELAYS_MS:
+            model = f"delay_{delay}"
+            for steps in (1, 25):
+                log_start = server_log_size(server)
+                figures = run_load(server, model, 1, count, digits_request(steps))
+                results[f"delay_p50_s_{delay}ms_c1_{steps}steps"] = figures["p50_s"]
+                if steps == 1:
+                    results[f"delay_lone_wait_s_{delay}ms"] = statistics.median(waiting_times(server, model, log_start))
+        throughputs = {delay: [] for delay in BATCH_DELAYS_MS}
+        batches = {delay: [] for delay in BATCH_DELAYS_MS}
+        for _ in range(C8_REPEATS):
+            for delay in BATCH_DELAYS_MS:
+                batches_start = model_log_size(server)
+                throughputs[delay].append(run_load(server, f"delay_{delay}", 8, 2 * count, digits_request(25))["throughput_rps"])
+                batches[delay] += batch_sizes(server, batches_start)
+        for delay in BATCH_DELAYS_MS:
+            results[f"delay_rps_{delay}ms_c8"] = statistics.median(throughputs[delay])
+            results[f"delay_mean_batch_{delay}ms_c8"] = statistics.mean(batches[delay])
+            log(f"maxBatchDelay {delay} ms: lone wait {results[f'delay_lone_wait_s_{delay}ms'] * 1000:.1f} ms, "
+                f"c=1 p50 {results[f'delay_p50_s_{delay}ms_c1_1steps'] * 1000:.0f} ms (1 step) / "
+                f"{results[f'delay_p50_s_{delay}ms_c1_25steps'] * 1000:.0f} ms (25 steps), c=8 "
+                f"{', '.join(f'{value:.2f}' for value in throughputs[delay])} req/s, "
+                f"mean batch {results[f'delay_mean_batch_{delay}ms_c8']:.2f}")
+    finally:
+        server.stop()
+    return results
+
+
+# The digits model's default is DDIM at 25 steps; each setting is a request's fields or a handler option.
+SPEED_SAMPLERS = {
+    "DDIM 25 (default)": {},
+    **{f"DPM++ 2M {steps}": {"scheduler": "dpmpp_2m", "num_inference_steps": steps} for steps in (4, 6, 10, 15)},
+    **{f"UniPC {steps}": {"scheduler": "unipc", "num_inference_steps": steps} for steps in (4, 6, 10)},
+    **{f"Euler {steps}": {"scheduler": "euler", "num_inference_steps": steps} for steps in (4, 8, 15)},
+}
+SPEED_OPTIONS = {
+    "attention slicing": {"attention_slicing": "auto"},
+    "VAE slicing": {"vae_slicing": True},
+    "channels_last": {"channels_last": True},
+    "bfloat16": {"torch_dtype": "bfloat16"},
+    "torch.compile": {"torch_compile": True},
+    "torch.compile + DPM++ 2M 4": {"torch_compile": True, "scheduler": "dpmpp_2m", "num_inference_steps": 4},
+}
+SPEED_TARGET = (0.9, 0.25)  # accuracy at least, time per image at most this share of the default's
+
+
+def measure_speed_settings(workdir: Path, count: int) -> dict:
+    """Time per image end to end (c=1, through TorchServe, serve.sh's archive settings) and digits accuracy, per setting."""
+    from archiver.digits import DigitsOracle
+
+    store = workdir / "speed-store"
+    archives = {"speed_default": {}}
+    archives |= {f"speed_option_{index}": option for index, option in enumerate(SPEED_OPTIONS.values())}
+    for name, option in archives.items():
+        options = [argument for key, value in option.items() for argument in ("--set", f"{key}={json.dumps(value)}")]
+        assert archiver_main(["build", "--source", "digits", "--model-name", name, "--export-path", str(store),
+                              "--archive-format", "no-archive", "--batch-size", "4", *options]) == 0
+    oracle = DigitsOracle()
+    settings = {label: ("speed_default", fields) for label, fields in SPEED_SAMPLERS.items()}
+    settings |= {label: (f"speed_option_{index}", {}) for index, label in enumerate(SPEED_OPTIONS)}
+    server, _ = start_server(workdir, store, {name: name for name in archives}, "speed")
+    results = {}
+    try:
+        for label, (model, fields) in settings.items():
+            latencies, images = [], []
+            for index in range(count):
+                body = {"prompt": f"digit {index % 10}", "seed": 500 + index, "output_format": "png", **fields}
+                started = time.perf_counter()
+                response = server.predict(model, json=body)
+                latencies.append(time.perf_counter() - started)
+                response.raise_for_status()
+                images.append(Image.open(io.BytesIO(response.content)))
+            labels = oracle.labels(images)
+            results[f"speed_s_per_image_{label}"] = statistics.median(latencies)
+            results[f"speed_accuracy_{label}"] = sum(predicted == index % 10 for index, predicted in enumerate(labels)) / count
+            log(f"{label}: {results[f'speed_s_per_image_{label}'] * 1000:.0f} ms per image, "
+                f"accuracy {results[f'speed_accuracy_{label}']:.0%}")
+    finally:
+        server.stop()
+    return results
+
+
+def speed_verdict(results: dict) -> str:
+    """The fastest setting that keeps the target accuracy, against the default's time."""
+    accuracy_floor, time_share = SPEED_TARGET
+    default = results["speed_s_per_image_DDIM 25 (default)"]
+    labels = [key.removeprefix("speed_accuracy_") for key in results if key.startswith("speed_accuracy_")]
+    keeping = [label for label in labels if results[f"speed_accuracy_{label}"] >= accuracy_floor]
+    if not keeping:
+        return f"MISSED: no setting keeps {accuracy_floor:.0%} accuracy"
+    fastest = min(keeping, key=lambda label: results[f"speed_s_per_image_{label}"])
+    share = results[f"speed_s_per_image_{fastest}"] / default
+    met = "met" if share <= time_share else "MISSED"
+    return (f"{met}: {fastest} keeps {results[f'speed_accuracy_{fastest}']:.0%} accuracy at {share:.2f} of the "
+            f"default's time per image (target: >= {accuracy_floor:.0%} at <= {time_share})")
+
+
+def markdown_speed(results: dict) -> list[str]:
+    default = results["speed_s_per_image_DDIM 25 (default)"]
+    lines = ["| setting | time per image (c=1, end to end) | share of default | digits accuracy |", "|---|---|---|---|"]
+    for label in [*SPEED_SAMPLERS, *SPEED_OPTIONS]:
+        seconds = results[f"speed_s_per_image_{label}"]
+        lines.append(f"| {label} | {seconds * 1000:.0f} ms | {seconds / default:.2f} | {results[f'speed_accuracy_{label}']:.0%} |")
+    return [*lines, "", speed_verdict(results)]
+
+
+def save_speed_plot(results: dict, path: Path) -> str:
+    try:
+        import matplotlib
+    except ImportError:
+        return f"no {path.name}: matplotlib is missing (pip install -e '.[bench]')"
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for label in [*SPEED_SAMPLERS, *SPEED_OPTIONS]:
+        x, y = results[f"speed_s_per_image_{label}"] * 1000, results[f"speed_accuracy_{label}"] * 100
+        axes.scatter(x, y, color="C1" if label in SPEED_OPTIONS else "C0")
+        axes.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    accuracy_floor, time_share = SPEED_TARGET
+    axes.axhline(accuracy_floor * 100, color="grey", linestyle=":")
+    axes.axvline(results["speed_s_per_image_DDIM 25 (default)"] * 1000 * time_share, color="grey", linestyle=":")
+    axes.set_xlabel("time per image, ms (end to end through TorchServe, concurrency 1)")
+    axes.set_ylabel("digits accuracy, %")
+    axes.set_title("Speed settings on the digits model: faster should not mean wrong")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    return f"plot in {path}"
+
+
+def digits_request(steps: int):
+    return lambda index: {"json": {"prompt": f"digit {index % 10}", "seed": index, "num_inference_steps": steps,
+                                   "output_format": "png"}}
+
+
+def server_log_size(server: TorchServe) -> int:
+    log_file = server.workdir / "logs" / "ts_log.log"
+    return log_file.stat().st_size if log_file.exists() else 0
+
+
+def model_log_size(server: TorchServe) -> int:
+    log_file = server.workdir / "logs" / "model_log.log"
+    return log_file.stat().st_size if log_file.exists() else 0
+
+
+def batch_sizes(server: TorchServe, since: int) -> list[int]:
+    """The size of every batch the handler received since the offset (its "batch of N requests" lines)."""
+    with open(server.workdir / "logs" / "model_log.log", "rb") as stream:
+        stream.seek(since)
+        text = stream.read().decode(errors="replace")
+    return [int(size) for size in re.findall(r"batch of (\d+) requests", text)]
+
+
+def waiting_times(server: TorchServe, model: str, since: int) -> list[float]:
+    """Seconds each request waited between arrival and its batch going to the worker (queue + batch wait)."""
+    with open(server.workdir / "logs" / "ts_log.log", "rb") as stream:
+        stream.seek(since)
+        text = stream.read().decode(errors="replace")
+    pattern = rf"W-\d+-{re.escape(model)}_[\d.]+ \S+ - Waiting time ns: (\d+)"
+    return [int(nanoseconds) / 1e9 for nanoseconds in re.findall(pattern, text)]
+
+
 def measure_end_to_end_bodies(server: TorchServe, plan: Plan) -> dict:
     results = {}
     for output_format in ("numpy", "png", "jpeg"):
@@ -413,6 +601,21 @@ def markdown(results: dict, derived: dict, plan: Plan, machine: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown_batch_delay(results: dict) -> list[str]:
+    lines = [
+        "| maxBatchDelay | lone request's wait | c=1 p50, 1 step | c=1 p50, 25 steps | c=8 req/s, 25 steps | c=8 vs 100 ms | mean batch at c=8 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for delay in BATCH_DELAYS_MS:
+        lines.append(
+            f"| {delay} ms | {results[f'delay_lone_wait_s_{delay}ms'] * 1000:.1f} ms | "
+            f"{results[f'delay_p50_s_{delay}ms_c1_1steps'] * 1000:.0f} ms | {results[f'delay_p50_s_{delay}ms_c1_25steps'] * 1000:.0f} ms | "
+            f"{results[f'delay_rps_{delay}ms_c8']:.2f} | {results[f'delay_rps_{delay}ms_c8'] / results['delay_rps_100ms_c8']:.3f} | "
+            f"{results[f'delay_mean_batch_{delay}ms_c8']:.2f} |"
+        )
+    return lines
+
+
 def markdown_targets(derived: dict) -> list[str]:
     lines = ["| target | result |", "|---|---|"]
     lines += [f"| {name} | {verdict} |" for name, verdict in verdicts(derived).items()]
@@ -482,8 +685,31 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="small images and few requests: under 3 minutes on 2 CPU cores")
     mode.add_argument("--gpu", action="store_true", help="CUDA: SD 1.5 architecture, fp16, 512x512, 50 steps")
+    mode.add_argument("--speed", action="store_true",
+                      help="only the speed settings against digits accuracy (about 5 minutes on 2 CPU cores)")
+    mode.add_argument("--batch-delay", action="store_true",
+                      help="only the maxBatchDelay sweep on serve.sh's archive (a few minutes on 2 CPU cores)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-results", help="results folder (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.batch_delay:
+        workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+        try:
+            results = measure_batch_delay(workdir, count=20)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        print("\n".join(markdown_batch_delay(results)))
+        return 0
+    if args.speed:
+        workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+        try:
+            results = measure_speed_settings(workdir, count=50)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "speed.json").write_text(json.dumps(results, indent=2))
+        print("\n".join(markdown_speed(results)))
+        log(save_speed_plot(results, args.out / "speed.png"))
+        return 0
     if args.gpu and not torch.cuda.is_available():
         parser.error("--gpu needs a CUDA device")
     plan = GPU if args.gpu else QUICK if args.quick else FULL

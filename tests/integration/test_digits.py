@@ -11,9 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from PIL import Image
-from sklearn.datasets import load_digits
-from sklearn.svm import SVC
 
+from archiver.digits import DigitsOracle
 from archiver.server import TorchServe
 from tests.integration.conftest import build_archive
 
@@ -24,10 +23,9 @@ PROMPT_FORMS = ("digit {digit}", "a handwritten {word}", "{digit}")
 
 @pytest.fixture(scope="module")
 def classifier():
-    digits = load_digits()
-    model = SVC(gamma=0.001).fit(digits.data, digits.target)
-    assert model.score(digits.data, digits.target) > 0.99
-    return model
+    oracle = DigitsOracle()
+    assert oracle.training_accuracy > 0.99
+    return oracle
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +41,8 @@ def digits_server(tmp_path_factory):
 
 
 def label(classifier, png: bytes) -> int:
-    """Downscale to 8x8 and turn dark-on-white pixels into load_digits' 0-16 ink scale."""
-    gray = Image.open(io.BytesIO(png)).convert("L").resize((8, 8), Image.Resampling.BOX)
-    ink = (255 - np.asarray(gray, dtype=np.float64)) / 255 * 16
-    return int(classifier.predict(ink.reshape(1, -1))[0])
+    [digit] = classifier.labels([Image.open(io.BytesIO(png))])
+    return digit
 
 
 def generate(server, bodies: list[dict], concurrency: int = 4) -> list[bytes]:

@@ -1,12 +1,15 @@
 """Each memory and speed option of the handler section takes effect on the loaded pipeline."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from diffusers.models.attention_processor import SlicedAttnProcessor
 from torch._dynamo.utils import counters
 
+from archiver.build import REPO_ROOT
 from handlers.config import HandlerConfig
 from handlers.pipelines import apply_memory_options, load_pipeline
 from tests.unit.helpers import run_json, serve, served_family
@@ -123,3 +126,40 @@ def test_options_reach_the_sdxl_refiner_too(family_archives):
     assert refiner.vae is handler.pipeline.vae and refiner.vae.use_slicing
     assert any(isinstance(p, SlicedAttnProcessor) for p in refiner.unet.attn_processors.values())
     assert generates(served)
+
+
+WORKER = """
+import json, sys
+from handlers.handler import DiffusersHandler
+from handlers.pipelines import compile_counts
+from tests.conftest import SMALL, make_context
+from tests.unit.helpers import run_json
+handler = DiffusersHandler()
+context = make_context(sys.argv[1], {**SMALL, "torch_compile": True, "compile_cache_dir": sys.argv[2]})
+handler.initialize(context)
+compiled, loaded = compile_counts()
+[body] = run_json(handler, context, {"prompt": "a cat", "seed": 1})
+print(json.dumps({"compiled": compiled, "loaded": loaded, "status": context.get_response_status(0)[0]}))
+"""
+
+
+def start_compiled_worker(pipeline_dir, cache_dir) -> dict:
+    """A new worker process, as TorchServe starts one on scale-up or after a crash."""
+    result = subprocess.run([sys.executable, "-c", WORKER, str(pipeline_dir), str(cache_dir)], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_new_compiled_worker_loads_the_graphs_instead_of_compiling(tiny_pipeline_dir, tmp_path):
+    first = start_compiled_worker(tiny_pipeline_dir, tmp_path / "cache")
+    second = start_compiled_worker(tiny_pipeline_dir, tmp_path / "cache")
+    print(f"first worker: {first}; second worker: {second}")
+    assert first["compiled"] > 0 and first["status"] == 200
+    assert second == {"compiled": 0, "loaded": first["compiled"], "status": 200}
+    # A cache that does not match (another torch, another device) or is damaged: compile again, and serve.
+    for entry in (tmp_path / "cache").rglob("*"):
+        if entry.is_file():
+            entry.write_bytes(b"not what inductor wrote")
+    damaged = start_compiled_worker(tiny_pipeline_dir, tmp_path / "cache")
+    assert damaged["status"] == 200 and damaged["compiled"] > 0
