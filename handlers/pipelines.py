@@ -129,7 +129,11 @@ def compile_denoiser(pipeline: DiffusionPipeline, config: HandlerConfig) -> None
     """Compile in place, so every view that shares the module (img2img, schedulers) runs compiled."""
     if config.compile_cache_dir:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = config.compile_cache_dir  # inductor reads it when it first caches
-    denoiser(pipeline).compile(mode=config.compile_mode, backend=config.compile_backend)
+    model = denoiser(pipeline)
+    if config.compile_regions:
+        model.compile_repeated_blocks(mode=config.compile_mode, backend=config.compile_backend)
+    else:
+        model.compile(mode=config.compile_mode, backend=config.compile_backend)
 
 
 def compile_counts() -> tuple[int, int]:

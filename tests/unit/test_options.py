@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 
 from archiver.build import REPO_ROOT
 from handlers.config import HandlerConfig
-from handlers.pipelines import apply_memory_options, load_pipeline
+from handlers.pipelines import apply_memory_options, compile_denoiser, load_pipeline
 from tests.unit.helpers import run_json, serve, served_family
 
 
@@ -163,3 +163,11 @@ def test_a_new_compiled_worker_loads_the_graphs_instead_of_compiling(tiny_pipeli
             entry.write_bytes(b"not what inductor wrote")
     damaged = start_compiled_worker(tiny_pipeline_dir, tmp_path / "cache")
     assert damaged["status"] == 200 and damaged["compiled"] > 0
+
+
+def test_compile_regions_compiles_each_repeated_block_not_the_whole_denoiser(tiny_pipeline_dir):
+    pipeline = load_pipeline(tiny_pipeline_dir, torch.float32)
+    compile_denoiser(pipeline, HandlerConfig(torch_compile=True, compile_regions=True))
+    blocks = [module for module in pipeline.unet.modules() if type(module).__name__ == "BasicTransformerBlock"]
+    assert blocks and all(block._compiled_call_impl is not None for block in blocks)
+    assert pipeline.unet._compiled_call_impl is None

@@ -65,8 +65,9 @@ def test_a_speed_option_keeps_the_digits(digits_dir, oracle, option):
     assert accuracy(served_family(digits_dir, **option), oracle) >= FLOOR
 
 
-def test_torch_compile_keeps_the_digits(digits_dir, oracle):
-    assert accuracy(served_family(digits_dir, torch_compile=True), oracle) >= FLOOR
+@pytest.mark.parametrize("regions", [False, True], ids=["whole denoiser", "regions"])
+def test_torch_compile_keeps_the_digits(digits_dir, oracle, regions):
+    assert accuracy(served_family(digits_dir, torch_compile=True, compile_regions=regions), oracle) >= FLOOR
 
 
 def test_the_floor_can_fail(default_digits, oracle):
