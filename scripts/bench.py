@@ -719,6 +719,15 @@ def build_model(workdir: Path, gpu: bool) -> Path:
     return pipeline_dir
 
 
+def in_workdir(measure) -> dict:
+    """measure(workdir) in a temporary directory that is removed afterwards, whatever happens."""
+    workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+    try:
+        return measure(workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
@@ -733,19 +742,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-results", help="results folder (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.batch_delay:
-        workdir = Path(tempfile.mkdtemp(prefix="bench-"))
-        try:
-            results = measure_batch_delay(workdir, count=20)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+        results = in_workdir(lambda workdir: measure_batch_delay(workdir, count=20))
         print("\n".join(markdown_batch_delay(results)))
         return 0
     if args.compile_scale:
-        workdir = Path(tempfile.mkdtemp(prefix="bench-"))
-        try:
-            results = measure_compile_scale(workdir)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+        results = in_workdir(measure_compile_scale)
         for name in ("compiled", "regions"):
             ratio, graphs = results[f"compile_scale_vs_eager_{name}"], results[f"compile_graphs_new_worker_{name}"]
             verdict = "met" if ratio <= 1.5 and graphs == 0 else "MISSED"
@@ -753,11 +754,7 @@ def main(argv: list[str] | None = None) -> int:
                   "(target: <= 1.5x, 0 graphs)")
         return 0
     if args.speed:
-        workdir = Path(tempfile.mkdtemp(prefix="bench-"))
-        try:
-            results = measure_speed_settings(workdir, count=50)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+        results = in_workdir(lambda workdir: measure_speed_settings(workdir, count=50))
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "speed.json").write_text(json.dumps(results, indent=2))
         print("\n".join(markdown_speed(results)))
