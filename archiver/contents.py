@@ -42,9 +42,13 @@ def component_names(index: dict) -> list[str]:
     return names
 
 
+def packed_suffixes(allow_pickle_weights: bool) -> tuple[str, ...]:
+    return COMPONENT_SUFFIXES + (PICKLE_SUFFIXES if allow_pickle_weights else ())
+
+
 def allowed_patterns(index: dict, allow_pickle_weights: bool = False) -> list[str]:
     """Glob patterns of the files to fetch from a hub repository, before anything is downloaded."""
-    suffixes = COMPONENT_SUFFIXES + (PICKLE_SUFFIXES if allow_pickle_weights else ())
+    suffixes = packed_suffixes(allow_pickle_weights)
     return [PIPELINE_INDEX] + [f"{name}/*{suffix}" for name in component_names(index) for suffix in suffixes]
 
 
@@ -61,7 +65,7 @@ def select_component_files(source: Path, allow_pickle_weights: bool = False) -> 
 
 
 def select_files(source: Path, belongs, allow_pickle_weights: bool) -> Selection:
-    suffixes = COMPONENT_SUFFIXES + (PICKLE_SUFFIXES if allow_pickle_weights else ())
+    suffixes = packed_suffixes(allow_pickle_weights)
     root = source.resolve()
     files, left_out = [], []
     for path in sorted(source.rglob("*")):

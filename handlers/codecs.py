@@ -135,10 +135,13 @@ def answer_size_bound(request: GenerationRequest, envelope: str = "none") -> int
     if request.output_format in IMAGE_TYPES and request.image_count == 1 and envelope == "none" and not request.stream:
         return image_bytes
     image_format = request.output_format if request.output_format in IMAGE_TYPES else "png"
-    placeholders = ["A" * (4 * math.ceil(image_bytes / 3))] * request.image_count  # base64 of image_bytes
-    document = document_of(request, placeholders, image_format)
+    # The document with empty image strings: base64 needs no JSON escaping, so each image adds exactly
+    # its base64 length to it, and no image-sized placeholder need be built.
+    document = document_of(request, [""] * request.image_count, image_format)
     text = compact_json(document) if envelope == "none" else json.dumps({"predictions": [document]}, indent=2)
-    return len(text.encode()) + STREAM_PROGRESS_BYTES * request.num_inference_steps * request.stream
+    base64_bytes = 4 * math.ceil(image_bytes / 3)
+    progress_bytes = STREAM_PROGRESS_BYTES * request.num_inference_steps if request.stream else 0
+    return len(text.encode()) + request.image_count * base64_bytes + progress_bytes
 
 
 # A progress line, {"step":150,"total":150,"elapsed":12345.678}, with room to spare.

@@ -45,6 +45,8 @@ class DiffusersHandler(BaseHandler):
         properties = context.system_properties
         self.config = load_handler_config(context.model_yaml_config)
         self.defaults, self.limits = self.config.generation_defaults, self.config.limits
+        # Before any weights load: defaults that every request would be refused for stop the model now.
+        check_defaults_fit(self.defaults, self.limits, self.config.service_envelope)
         self.device = select_device(properties.get("gpu_id"))
         unpack_dir = Path(self.config.unpack_dir) if self.config.unpack_dir else None
         pipeline_dir = locate_pipeline(Path(properties["model_dir"]), unpack_dir, self.config.max_unpacked_bytes)
@@ -77,7 +79,6 @@ class DiffusersHandler(BaseHandler):
         if self.config.torch_compile:
             compile_denoiser(self.pipeline, self.config)
             self.warm_up()
-        check_defaults_fit(self.defaults, self.limits, self.config.service_envelope)
         self.metrics = GenerationMetrics(context.metrics, context.model_name)
         # The envelope JSON-encodes whatever the handler returns: answers must be JSON values, not bytes.
         self.enveloped = self.config.service_envelope != "none"
