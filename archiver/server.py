@@ -126,9 +126,17 @@ class TorchServe:
             return False
         return True
 
-    def keys(self) -> dict[str, str]:
-        data = json.loads((self.workdir / "key_file.json").read_text())
-        return {kind: data[kind]["key"] for kind in ("inference", "management", "API")}
+    def keys(self, timeout_s: float = 10) -> dict[str, str]:
+        # TorchServe writes the key file in place, so a read can catch it empty or half-written.
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                data = json.loads((self.workdir / "key_file.json").read_text())
+                return {kind: data[kind]["key"] for kind in ("inference", "management", "API")}
+            except (json.JSONDecodeError, KeyError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     def auth(self, kind: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys()[kind]}"} if self.token_auth else {}
