@@ -13,6 +13,12 @@ Batching = Literal["auto", "combined", "per_request"]
 CpuOffload = Literal["none", "model", "sequential"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
 ServiceEnvelope = Literal["none", "kserve", "kservev2"]
+# diffusers' attention dispatcher backends that run from installed code; its "_hub" backends download
+# kernels at load time, which a server must not do.
+AttentionBackend = Literal[
+    "native", "_native_flash", "_native_efficient", "_native_cudnn", "_native_math", "flash", "_flash_3", "sage",
+    "xformers", "flex",
+]
 
 
 class GenerationDefaults(BaseModel):
@@ -105,6 +111,18 @@ class HandlerConfig(GenerationDefaults, Limits):
         "slower); sequential: each layer does (least GPU memory, several times slower)",
     )
     channels_last: bool = Field(False, description="UNet/VAE weights in NHWC layout: often faster convolutions on GPUs")
+    fuse_qkv_projections: bool = Field(
+        False,
+        description="fuse attention's query, key and value projections into one matrix multiply, in the denoiser "
+        "and the VAE (diffusers' fuse_qkv_projections): fewer, larger kernels; same result up to rounding",
+    )
+    attention_backend: AttentionBackend | None = Field(
+        None,
+        description="the denoiser's attention kernel, for models whose attention goes through diffusers' "
+        "dispatcher (FLUX, SD3): native is PyTorch's SDPA choosing flash or memory-efficient itself; "
+        "_native_flash forces its flash kernel; flash, _flash_3, sage and xformers need their package. UNet "
+        "models (SD 1.5, SDXL) always use PyTorch's SDPA, which picks flash attention on CUDA in half precision",
+    )
     torch_compile: bool = Field(
         False, description="compile the UNet or transformer; slower start (warmed up in initialize), faster steps"
     )

@@ -112,6 +112,11 @@ def apply_memory_options(pipeline: DiffusionPipeline, config: HandlerConfig, dev
         pipeline.vae.enable_slicing()
     if config.vae_tiling:
         pipeline.vae.enable_tiling()
+    if config.fuse_qkv_projections:
+        for module in (denoiser(pipeline), pipeline.vae):
+            module.fuse_qkv_projections()
+    if config.attention_backend is not None:
+        set_attention_backend(denoiser(pipeline), config.attention_backend)
     if config.channels_last:
         for module in (denoiser(pipeline), pipeline.vae):
             module.to(memory_format=torch.channels_last)
@@ -123,6 +128,16 @@ def apply_memory_options(pipeline: DiffusionPipeline, config: HandlerConfig, dev
         pipeline.enable_sequential_cpu_offload(device=device)
     else:
         pipeline.to(device)
+
+
+def set_attention_backend(model: torch.nn.Module, backend: str) -> None:
+    # diffusers passes over attention modules that do not dispatch, so a UNet would keep SDPA without a word.
+    if not any(hasattr(getattr(module, "processor", None), "_attention_backend") for module in model.modules()):
+        raise ValueError(
+            f"attention_backend: {type(model).__name__}'s attention does not go through diffusers' dispatcher; "
+            "it always runs PyTorch's SDPA. Leave attention_backend out for this model"
+        )
+    model.set_attention_backend(backend)
 
 
 def compile_denoiser(pipeline: DiffusionPipeline, config: HandlerConfig) -> None:

@@ -333,6 +333,7 @@ SPEED_OPTIONS = {
     "attention slicing": {"attention_slicing": "auto"},
     "VAE slicing": {"vae_slicing": True},
     "channels_last": {"channels_last": True},
+    "fused QKV": {"fuse_qkv_projections": True},
     "bfloat16": {"torch_dtype": "bfloat16"},
     "torch.compile": {"torch_compile": True},
     "torch.compile, regions": {"torch_compile": True, "compile_regions": True},

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from diffusers.models.attention_processor import SlicedAttnProcessor
@@ -12,7 +13,7 @@ from torch._dynamo.utils import counters
 from archiver.build import REPO_ROOT
 from handlers.config import HandlerConfig
 from handlers.pipelines import apply_memory_options, compile_denoiser, load_pipeline
-from tests.unit.helpers import run_json, serve, served_family
+from tests.unit.helpers import pixels, run_json, serve, served_family
 
 
 def generates(served) -> bool:
@@ -50,6 +51,37 @@ def test_channels_last(tiny_pipeline_dir):
     assert convolution.is_contiguous(memory_format=torch.channels_last) and not convolution.is_contiguous()
     assert handler.pipeline.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert generates(served)
+
+
+def test_fused_qkv_projections_fuse_the_unet_and_keep_the_image(tiny_pipeline_dir):
+    """(The tiny VAE has no attention to fuse.)"""
+    body = {"prompt": "a cat", "output_format": "png", "seed": 3}
+    handler, context = serve(tiny_pipeline_dir, fuse_qkv_projections=True)
+    processors = handler.pipeline.unet.attn_processors.values()
+    assert {type(processor).__name__ for processor in processors} == {"FusedAttnProcessor2_0"}
+    [fused] = run_json(handler, context, body)
+    [unfused] = run_json(*serve(tiny_pipeline_dir), body)
+    assert np.abs(pixels(fused) - pixels(unfused)).max() <= 2  # one matmul instead of three: rounding only
+
+
+def test_attention_backend_reaches_a_dispatching_transformer(family_archives):
+    handler, _ = served = served_family(family_archives["flux"], attention_backend="_native_math")
+    backends = {
+        getattr(module.processor, "_attention_backend", None)
+        for module in handler.pipeline.transformer.modules() if hasattr(module, "processor")
+    }
+    assert {getattr(backend, "value", backend) for backend in backends} == {"_native_math"}
+    assert generates(served)
+
+
+def test_attention_backend_on_a_unet_is_refused_with_the_reason(tiny_pipeline_dir):
+    with pytest.raises(ValueError, match="always runs PyTorch's SDPA"):
+        serve(tiny_pipeline_dir, attention_backend="_native_flash")
+
+
+def test_a_hub_attention_backend_is_not_allowed():
+    with pytest.raises(ValueError, match="attention_backend"):
+        HandlerConfig(attention_backend="flash_hub")
 
 
 def test_model_cpu_offload_installs_cuda_hooks_and_leaves_the_weights_on_the_cpu(tiny_pipeline_dir):

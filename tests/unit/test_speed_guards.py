@@ -19,6 +19,7 @@ OPTIONS = {
     "vae_slicing": {"vae_slicing": True},
     "vae_tiling": {"vae_tiling": True},
     "channels_last": {"channels_last": True},
+    "fuse_qkv_projections": {"fuse_qkv_projections": True},
     "bfloat16": {"torch_dtype": "bfloat16"},
 }
 # Samplers at few steps, chosen per request.
