@@ -78,6 +78,8 @@ class DiffusersHandler(BaseHandler):
         )
         if self.config.torch_compile:
             compile_denoiser(self.pipeline, self.config)
+        if self.config.torch_compile or self.device.type == "cuda":
+            # A GPU's first call also loads kernels and picks convolution algorithms: about a second.
             self.warm_up()
         self.metrics = GenerationMetrics(context.metrics, context.model_name)
         # The envelope JSON-encodes whatever the handler returns: answers must be JSON values, not bytes.
@@ -85,7 +87,8 @@ class DiffusersHandler(BaseHandler):
         self.initialized = True
 
     def warm_up(self) -> None:
-        """One short generation at the default size, so compilation happens here, not in the first request.
+        """One short generation at the default size, so compilation (and CUDA's first-call set-up) happens
+        here, not in the first request.
 
         Inductor's on-disk caches make it cheap for every worker after the first: their graphs and
         kernels load instead of compiling. A cache that does not match (another torch, another

@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """Benchmark our handler against the pytorch/serve example (the baseline) and the bare pipeline.
 
-Everything is measured in one run, on one model (the tiny SD-shaped pipeline, or full-size SD 1.5
-with random weights under --gpu) and one machine, and every figure is printed with its ratios
-ours/baseline and ours/bare. Results go to --out as results.json, results.csv, results.md and
-results.png.
+Everything is measured in one run, on one model (the tiny SD-shaped pipeline) and one machine,
+and every figure is printed with its ratios ours/baseline and ours/bare. Results go to --out as
+results.json, results.csv, results.md and results.png.
 
   python scripts/bench.py --quick     # under 3 minutes on a 2-core CPU
   python scripts/bench.py             # larger images, more requests
-  python scripts/bench.py --gpu       # CUDA: SD 1.5 architecture, fp16, 512x512, 50 steps
+  python scripts/bench.py --gpu --model sd15 --part ladder   # the GPU plan: see scripts/gpu_bench.py
+  python scripts/bench.py --gpu --dry-run                    # the whole GPU plan on the CPU, tiny model
 """
 
 import argparse
@@ -39,6 +39,7 @@ from archiver.build import REPO_ROOT, ServingConfig, build_archive  # noqa: E402
 from archiver.cli import main as archiver_main  # noqa: E402
 from archiver.server import TorchServe  # noqa: E402
 from archiver.tiny import build_tiny_pipeline  # noqa: E402
+import gpu_bench  # noqa: E402  (beside this script)
 from handlers.codecs import encode_response  # noqa: E402
 from handlers.pipelines import load_pipeline  # noqa: E402
 from handlers.request import GenerationRequest  # noqa: E402
@@ -67,7 +68,6 @@ class Plan:
 
 QUICK = Plan(size=64, load_steps=4, overhead_steps=50, requests_per_level=8, encode_repeats=3)
 FULL = Plan(size=128, load_steps=20, overhead_steps=50, requests_per_level=24, encode_repeats=5)
-GPU = Plan(size=512, load_steps=50, overhead_steps=50, requests_per_level=16, encode_repeats=5, dtype="float16")
 
 
 def median_seconds(call, repeats: int, warm_up: bool = True) -> float:
@@ -135,9 +135,8 @@ def build_baseline_archive(workdir: Path, store: Path, name: str, batch_size: in
 
 
 def measure_encoding(pipeline, plan: Plan) -> dict:
-    """Server-side encode time and body bytes for one 768x768 image (512x512 under --gpu)."""
-    side = 512 if plan.dtype == "float16" else 768
-    image = pipeline(PROMPT, height=side, width=side, num_inference_steps=2,
+    """Server-side encode time and body bytes for one 768x768 image."""
+    image = pipeline(PROMPT, height=768, width=768, num_inference_steps=2,
                      generator=torch.Generator().manual_seed(0)).images[0]
 
     def baseline_encode():
@@ -486,19 +485,6 @@ def measure_overhead(server: TorchServe, pipeline, plan: Plan) -> dict:
     return {f"latency_50_steps_s_{name}": median_seconds(call, 7) for name, call in (("bare", bare), ("served", served))}
 
 
-def measure_compile(pipeline, plan: Plan) -> dict:
-    """GPU only: a bare 50-step call with the UNet eager, then compiled (after its warm-up)."""
-    def call():
-        pipeline(PROMPT, height=plan.size, width=plan.size, num_inference_steps=plan.overhead_steps,
-                 generator=torch.Generator().manual_seed(0))
-        torch.cuda.synchronize()
-
-    results = {"latency_50_steps_s_bare_eager": median_seconds(call, 3)}
-    pipeline.unet = torch.compile(pipeline.unet)
-    results["latency_50_steps_s_bare_compiled"] = median_seconds(call, 3)  # its warm-up compiles
-    return results
-
-
 def peak_rss(server: TorchServe, models: list[str]) -> dict:
     """Peak resident memory (VmHWM) of each model's worker processes."""
     results = {}
@@ -534,7 +520,6 @@ def ratios(results: dict) -> dict:
         "cold_start_zip_vs_baseline": ratio("cold_start_s_ours_zip", "cold_start_s_baseline"),
         "cold_start_noarchive_vs_baseline": ratio("cold_start_s_ours_noarchive", "cold_start_s_baseline"),
         "peak_rss_vs_baseline": ratio("peak_rss_bytes_ours_b1", "peak_rss_bytes_baseline_b1"),
-        "compiled_vs_eager": ratio("latency_50_steps_s_bare_compiled", "latency_50_steps_s_bare_eager"),
     }
     for batch_size in (1, 4):
         for concurrency in (1, 4, 8):
@@ -628,15 +613,6 @@ def markdown(results: dict, derived: dict, plan: Plan, machine: str) -> str:
         value = results.get(f"peak_rss_bytes_{model}")
         base = results.get("peak_rss_bytes_baseline_b1")
         lines.append(f"| {model} | {fmt(value, 'MB')} | {fmt(value / base if value and base else None)} |")
-    if "latency_50_steps_s_bare_compiled" in results:
-        lines += [
-            "",
-            "| bare pipeline, 50 steps | latency | compiled/eager |",
-            "|---|---|---|",
-            f"| eager UNet | {fmt(results['latency_50_steps_s_bare_eager'], 's')} | 1 |",
-            f"| torch.compile UNet | {fmt(results['latency_50_steps_s_bare_compiled'], 's')} | "
-            f"{fmt(derived['compiled_vs_eager'])} |",
-        ]
     lines += ["", *markdown_targets(derived)]
     return "\n".join(lines) + "\n"
 
@@ -697,26 +673,19 @@ def save_plot(results: dict, path: Path) -> str:
     return f"plot in {path}"
 
 
-def machine_description(plan: Plan) -> str:
+def machine_description() -> str:
     import os
     import platform
 
-    if plan.dtype == "float16" and torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     return f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 # ---------------------------------------------------------------- main
 
 
-def build_model(workdir: Path, gpu: bool) -> Path:
+def build_model(workdir: Path) -> Path:
     pipeline_dir = workdir / "pipeline"
-    if gpu:
-        from archiver.sd15 import build_sd15_random_pipeline
-
-        build_sd15_random_pipeline(workdir).save_pretrained(pipeline_dir, safe_serialization=True)
-    else:
-        build_tiny_pipeline(workdir).save_pretrained(pipeline_dir, safe_serialization=True)
+    build_tiny_pipeline(workdir).save_pretrained(pipeline_dir, safe_serialization=True)
     return pipeline_dir
 
 
@@ -729,17 +698,41 @@ def in_workdir(measure) -> dict:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def run_gpu_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    parts = args.part or list(gpu_bench.PARTS)
+    if args.dry_run:
+        plan, device, out = gpu_bench.DRY_RUN, torch.device("cpu"), args.out / "gpu-dry-run"
+    elif not torch.cuda.is_available():
+        parser.error("--gpu needs a CUDA device; --gpu --dry-run runs the same plan on the CPU")
+    else:
+        plan, device, out = gpu_bench.MODELS[args.model], torch.device("cuda:0"), args.out / "gpu"
+    report = gpu_bench.run_parts(plan, parts, device, out, args.models_dir / device.type)
+    print(report.read_text())
+    log(f"report in {report}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="small images and few requests: under 3 minutes on 2 CPU cores")
-    mode.add_argument("--gpu", action="store_true", help="CUDA: SD 1.5 architecture, fp16, 512x512, 50 steps")
+    mode.add_argument("--gpu", action="store_true",
+                      help="CUDA: full-size SD 1.5, SDXL or FLUX.1-dev with random weights, one part per command "
+                           "(scripts/gpu_bench.py)")
     mode.add_argument("--compile-scale", action="store_true",
                       help="only scaling 1 to 2 workers, eager against torch.compile (about 2 minutes on 2 CPU cores)")
     mode.add_argument("--speed", action="store_true",
                       help="only the speed settings against digits accuracy (about 5 minutes on 2 CPU cores)")
     mode.add_argument("--batch-delay", action="store_true",
                       help="only the maxBatchDelay sweep on serve.sh's archive (a few minutes on 2 CPU cores)")
+    gpu = parser.add_argument_group("--gpu")
+    gpu.add_argument("--model", choices=sorted(gpu_bench.MODELS), default="sd15")
+    gpu.add_argument("--part", choices=gpu_bench.PARTS, action="append",
+                     help="repeatable; default: every part (a full-size model needs several commands of 10 minutes)")
+    gpu.add_argument("--dry-run", action="store_true",
+                     help="every part on the CPU with the tiny model, in a few minutes: proves the plan before a GPU")
+    gpu.add_argument("--models-dir", type=Path, default=REPO_ROOT / "bench-results" / "models",
+                     help="where the random-weight pipelines are saved once and reused (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-results", help="results folder (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.batch_delay:
@@ -761,17 +754,18 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(markdown_speed(results)))
         log(save_speed_plot(results, args.out / "speed.png"))
         return 0
-    if args.gpu and not torch.cuda.is_available():
-        parser.error("--gpu needs a CUDA device")
-    plan = GPU if args.gpu else QUICK if args.quick else FULL
+    if args.dry_run and not args.gpu:
+        parser.error("--dry-run goes with --gpu")
+    if args.gpu:
+        return run_gpu_plan(parser, args)
+    plan = QUICK if args.quick else FULL
     started = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
     try:
         log(f"building the model and archives in {workdir}")
-        pipeline_dir = build_model(workdir, args.gpu)
+        pipeline_dir = build_model(workdir)
         store = build_archives(workdir, pipeline_dir, plan)
-        device = torch.device("cuda:0" if args.gpu else "cpu")
-        pipeline = load_pipeline(pipeline_dir, getattr(torch, plan.dtype)).to(device)
+        pipeline = load_pipeline(pipeline_dir, getattr(torch, plan.dtype))
 
         log("encoding micro-benchmark")
         results = measure_encoding(pipeline, plan)
@@ -790,14 +784,11 @@ def main(argv: list[str] | None = None) -> int:
             results |= peak_rss(server, list(models))
         finally:
             server.stop()
-        if args.gpu:
-            log("torch.compile, bare pipeline")
-            results |= measure_compile(pipeline, plan)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
     derived = ratios(results)
-    machine = machine_description(plan)
+    machine = machine_description()
     args.out.mkdir(parents=True, exist_ok=True)
     report = markdown(results, derived, plan, machine)
     (args.out / "results.md").write_text(report)

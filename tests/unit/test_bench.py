@@ -2,22 +2,36 @@
 
 import sys
 
-from accelerate import init_empty_weights
+import pytest
+import torch
 
 from archiver.build import REPO_ROOT
-from archiver.sd15 import sd15_components
+from archiver.fullsize import flux_dev_components, sd15_components, sdxl_components
+from archiver.tiny import build_tokenizer
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 import bench  # noqa: E402
 
+COMPONENTS = {"sd15": sd15_components, "sdxl": sdxl_components, "flux": flux_dev_components}
 
-def test_sd15_architecture_has_sd15_sizes():
-    with init_empty_weights():
-        components = sd15_components()
-    millions = {name: sum(p.numel() for p in components[name].parameters()) / 1e6 for name in ("unet", "vae", "text_encoder")}
-    assert 855 < millions["unet"] < 865
-    assert 80 < millions["vae"] < 90
-    assert 120 < millions["text_encoder"] < 125
+
+# Parameter counts of the published checkpoints (their safetensors headers).
+PUBLISHED_PARAMETERS = {
+    "sd15": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
+    "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840},
+    "flux": {"transformer": 11_901_408_320, "vae": 83_819_683, "text_encoder": 123_060_480,
+             "text_encoder_2": 4_762_310_656},
+}
+
+
+@pytest.mark.parametrize("model", PUBLISHED_PARAMETERS)
+def test_full_size_architectures_have_the_published_parameter_counts(model, tmp_path):
+    tokenizer = build_tokenizer(tmp_path)
+    with torch.device("meta"):  # shapes only: FLUX would need 48 GB to initialise in float32
+        components = COMPONENTS[model](tokenizer)
+    counts = {name: sum(parameter.numel() for parameter in components[name].parameters())
+              for name in PUBLISHED_PARAMETERS[model]}
+    assert counts == PUBLISHED_PARAMETERS[model]
 
 
 def test_ratios_and_verdicts():
@@ -51,3 +65,22 @@ def test_the_report_shows_the_same_batch_size_throughput_beside_the_target():
     lines = bench.markdown_targets(derived)
     assert "| throughput_c8_vs_baseline | met (2.5 >= 2.0) |" in lines
     assert "| throughput at concurrency 8, both at batchSize 4 (reported beside the target) | 1.1 |" in lines
+
+
+def test_gpu_targets_are_decided_from_the_served_parts():
+    import gpu_bench
+
+    served = {"warm_request_s": 0.5, "first_request_s": 0.55, "c8": {"throughput_rps": 2.0}}
+    parts = {
+        "plan": {"target_s": 0.6},
+        "served-compiled": {"bare": {"latency_s": 0.49}, "compiled_b1": served,
+                            "compiled_b4": {**served, "c8": {"throughput_rps": 2.4}}},
+    }
+    verdicts = {what.split(" <= ")[0].split(" >= ")[0]: (round(value, 3), verdict)
+                for what, value, verdict in gpu_bench.verdicts(parts)}
+    assert verdicts == {
+        "served, compiled, batch 1, c=1": (0.5, "met"),
+        "serving overhead over the bare compiled call": (0.02, "met"),
+        "first request after READY / warm": (1.1, "met"),
+        "batch 4 / batch 1 throughput at c=8": (1.2, "MISSED"),
+    }

@@ -113,6 +113,20 @@ def test_sequential_cpu_offload_moves_layers_as_they_run(tiny_pipeline_dir):
     assert generates(served)
 
 
+def test_an_eager_cpu_worker_starts_without_a_warm_up_generation(tiny_pipeline_dir, caplog):
+    with caplog.at_level("INFO", logger="handlers.handler"):
+        serve(tiny_pipeline_dir)
+    assert "warm-up generation took" not in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA worker's warm-up needs a GPU; none here")
+def test_an_eager_cuda_worker_warms_up_so_the_first_request_is_not_slow(tiny_pipeline_dir, caplog):
+    with caplog.at_level("INFO", logger="handlers.handler"):
+        served = serve(tiny_pipeline_dir, gpu_id=0)
+    assert "warm-up generation took" in caplog.text
+    assert generates(served)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this checks the refusal on a CPU-only worker")
 def test_cpu_offload_on_a_cpu_worker_is_a_clear_error(tiny_pipeline_dir):
     with pytest.raises(ValueError, match="needs a CUDA device"):
