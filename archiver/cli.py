@@ -12,6 +12,7 @@ TORCHSERVE_MAX_RESPONSE_SIZE = 6_553_500  # TorchServe's default, for a config.p
 from archiver.contents import UnsafePipeline
 from archiver.sources import (
     BUILT_IN,
+    RECOMMENDED_BATCHING,
     RECOMMENDED_DEFAULTS,
     SHIPPED,
     TINY_ADAPTER,
@@ -81,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     handler.add_argument(
         "--batching",
         choices=get_args(Batching),
-        default="auto",
         help="combined: compatible requests share a pipeline call; per_request: pixels never depend on "
-        "batch neighbours; auto: combined on CUDA, per_request on CPU (default: %(default)s)",
+        "batch neighbours; auto: combined on CUDA, per_request on CPU (default: the source's recommended "
+        "one, digits: combined; else auto)",
     )
     handler.add_argument(
         "--set",
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is not None
     }
     defaults = GenerationDefaults(**{**RECOMMENDED_DEFAULTS.get(args.source, {}), **requested})
-    handler_section = {**defaults.model_dump(exclude_none=True), "torch_dtype": args.torch_dtype, "batching": args.batching}
+    batching = args.batching or RECOMMENDED_BATCHING.get(args.source, "auto")
+    handler_section = {**defaults.model_dump(exclude_none=True), "torch_dtype": args.torch_dtype, "batching": batching}
     if args.allow_unsafe_weights:
         handler_section["allow_pickle_weights"] = True
     try:

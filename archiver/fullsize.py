@@ -1,68 +1,27 @@
-"""Full-size architectures with random weights, built from their published configs: no download.
+"""SDXL and FLUX.1-dev full-size architectures with random weights, built from their published
+configs: no download. SD 1.5's is in archiver/sd15.py.
 
 For GPU benchmarks (`scripts/bench.py --gpu`), where speed depends on shapes, not on trained weights.
-Build them under `torch.device("cuda")` (and a half-precision default dtype) to initialise on the GPU:
-FLUX.1-dev has 12 billion parameters.
+The builders initialise on the device and dtype they are given: FLUX.1-dev has 12 billion parameters.
 """
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from diffusers import (
-    AutoencoderKL,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
-    PNDMScheduler,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
-from archiver.tiny import assemble_sd_pipeline, build_t5_tokenizer, build_tokenizer, sd_scheduler_config
+from archiver.sd15 import build_sd15_random_pipeline, clip_config, clip_l, initialised_on, sd_vae
+from archiver.tiny import build_t5_tokenizer, build_tokenizer, sd_scheduler_config
 
-CLIP_VOCAB_SIZE = 49408  # CLIP's embedding size; our offline character-level tokenizer uses its first ids
 T5_VOCAB_SIZE = 32128
-
-
-def clip_l(tokenizer: CLIPTokenizer) -> CLIPTextModel:
-    """CLIP ViT-L/14's text encoder: SD 1.5's, and the first of SDXL's and FLUX's."""
-    return CLIPTextModel(clip_config(tokenizer, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                     num_attention_heads=12, hidden_act="quick_gelu"))
-
-
-def clip_config(tokenizer: CLIPTokenizer, **sizes) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sizes,
-    )
-
-
-def sd_vae(**overrides) -> AutoencoderKL:
-    return AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        **{"latent_channels": 4, "sample_size": 512, "scaling_factor": 0.18215, **overrides},
-    )
-
-
-def sd15_components(tokenizer: CLIPTokenizer) -> dict:
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-    )
-    return {"unet": unet, "vae": sd_vae(), "text_encoder": clip_l(tokenizer)}
 
 
 def sdxl_components(tokenizer: CLIPTokenizer) -> dict:
@@ -112,26 +71,6 @@ def flux_dev_components(tokenizer: CLIPTokenizer) -> dict:
     vae = sd_vae(latent_channels=16, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
                  use_quant_conv=False, use_post_quant_conv=False)
     return {"transformer": transformer, "text_encoder_2": t5, "vae": vae, "text_encoder": clip_l(tokenizer)}
-
-
-@contextmanager
-def initialised_on(device: str | torch.device, dtype: torch.dtype):
-    """Create parameters directly on `device` in `dtype`: no float32 copy in host memory first."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def build_sd15_random_pipeline(workdir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    tokenizer = build_tokenizer(workdir / "tokenizer-src")
-    with initialised_on(device, dtype):
-        models = sd15_components(tokenizer)
-    scheduler = PNDMScheduler(**sd_scheduler_config(), skip_prk_steps=True)
-    return assemble_sd_pipeline(**models, tokenizer=tokenizer, scheduler=scheduler)
 
 
 def build_sdxl_random_pipeline(workdir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):

@@ -39,7 +39,8 @@ from archiver.build import REPO_ROOT, ServingConfig, build_archive  # noqa: E402
 from archiver.cli import main as archiver_main  # noqa: E402
 from archiver.server import TorchServe  # noqa: E402
 from archiver.tiny import build_tiny_pipeline  # noqa: E402
-import gpu_bench  # noqa: E402  (beside this script)
+import bentoml_bench  # noqa: E402  (beside this script)
+import gpu_bench  # noqa: E402
 from handlers.codecs import encode_response  # noqa: E402
 from handlers.pipelines import load_pipeline  # noqa: E402
 from handlers.request import GenerationRequest  # noqa: E402
@@ -136,7 +137,8 @@ def build_baseline_archive(workdir: Path, store: Path, name: str, batch_size: in
 
 def measure_encoding(pipeline, plan: Plan) -> dict:
     """Server-side encode time and body bytes for one 768x768 image."""
-    image = pipeline(PROMPT, height=768, width=768, num_inference_steps=2,
+    side = 768
+    image = pipeline(PROMPT, height=side, width=side, num_inference_steps=2,
                      generator=torch.Generator().manual_seed(0)).images[0]
 
     def baseline_encode():
@@ -237,7 +239,7 @@ def measure_load(server: TorchServe, plan: Plan) -> dict:
 
 
 # Not 0: TorchServe 0.12.0 takes a maxBatchDelay of 0 as unset and waits its default 100 ms.
-BATCH_DELAYS_MS = (2, 4, 25, 100)
+BATCH_DELAYS_MS = (1, 2, 4, 25, 100)
 C8_REPEATS = 5  # throughput at concurrency 8 varies by about 10 % run to run on 2 cores
 
 
@@ -723,6 +725,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="only scaling 1 to 2 workers, eager against torch.compile (about 2 minutes on 2 CPU cores)")
     mode.add_argument("--speed", action="store_true",
                       help="only the speed settings against digits accuracy (about 5 minutes on 2 CPU cores)")
+    mode.add_argument("--bentoml", action="store_true",
+                      help="only ours against BentoML: digits, then tiny SD at 256x256 and 512x512 (about 10 minutes)")
     mode.add_argument("--batch-delay", action="store_true",
                       help="only the maxBatchDelay sweep on serve.sh's archive (a few minutes on 2 CPU cores)")
     gpu = parser.add_argument_group("--gpu")
@@ -735,6 +739,12 @@ def main(argv: list[str] | None = None) -> int:
                      help="where the random-weight pipelines are saved once and reused (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-results", help="results folder (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.bentoml:
+        results = in_workdir(lambda workdir: bentoml_bench.measure(workdir, (bentoml_bench.DIGITS, *bentoml_bench.LARGER), log))
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bentoml.json").write_text(json.dumps(results, indent=2))
+        print("\n".join(bentoml_bench.markdown(results)))
+        return 0
     if args.batch_delay:
         results = in_workdir(lambda workdir: measure_batch_delay(workdir, count=20))
         print("\n".join(markdown_batch_delay(results)))
@@ -784,16 +794,20 @@ def main(argv: list[str] | None = None) -> int:
             results |= peak_rss(server, list(models))
         finally:
             server.stop()
+        log("ours against BentoML")
+        cases = (bentoml_bench.DIGITS,) if args.quick else (bentoml_bench.DIGITS, *bentoml_bench.LARGER)
+        against_bentoml = bentoml_bench.measure(workdir, cases, log)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
     derived = ratios(results)
     machine = machine_description()
     args.out.mkdir(parents=True, exist_ok=True)
-    report = markdown(results, derived, plan, machine)
+    report = markdown(results, derived, plan, machine) + "\n" + "\n".join(bentoml_bench.markdown(against_bentoml)) + "\n"
     (args.out / "results.md").write_text(report)
     (args.out / "results.json").write_text(json.dumps(
-        {"machine": machine, "plan": plan.__dict__, "results": results, "ratios": derived, "targets": verdicts(derived)},
+        {"machine": machine, "plan": plan.__dict__, "results": results, "ratios": derived, "targets": verdicts(derived),
+         "bentoml": against_bentoml},
         indent=2))
     with open(args.out / "results.csv", "w", newline="") as stream:
         writer = csv.writer(stream)

@@ -188,3 +188,18 @@ def test_the_server_config_sets_the_answer_limit_and_the_envelope(tmp_path, tiny
 def test_the_handler_default_answer_limit_is_the_shipped_config_s():
     for config in ("config.properties", "docker/config.properties", "kserve/config.properties"):
         assert int(read_properties(REPO_ROOT / config)["max_response_size"]) == Limits().max_response_bytes, config
+
+
+@pytest.mark.parametrize(
+    "arguments, batching",
+    [
+        (["--source", "digits"], "combined"),  # its recommended one: small images gain from shared calls
+        (["--source", "digits", "--batching", "per_request"], "per_request"),  # bit-identical, asked for
+        (["--source", "tiny"], "auto"),
+        (["--source", "tiny", "--batching", "combined"], "combined"),
+    ],
+)
+def test_batching_is_the_sources_recommended_one_unless_given(tmp_path, arguments, batching):
+    assert main(["build", *arguments, "--model-name", "m", "--export-path", str(tmp_path),
+                 "--archive-format", "no-archive"]) == 0
+    assert yaml.safe_load((tmp_path / "m" / "model-config.yaml").read_text())["handler"]["batching"] == batching

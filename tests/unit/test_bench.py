@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from archiver.build import REPO_ROOT
-from archiver.fullsize import flux_dev_components, sd15_components, sdxl_components
+from archiver.fullsize import flux_dev_components, sdxl_components
+from archiver.sd15 import sd15_components
 from archiver.tiny import build_tokenizer
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
@@ -84,3 +85,19 @@ def test_gpu_targets_are_decided_from_the_served_parts():
         "first request after READY / warm": (1.1, "met"),
         "batch 4 / batch 1 throughput at c=8": (1.2, "MISSED"),
     }
+
+
+def test_the_bentoml_comparison_reports_each_target_against_its_bound():
+    import bentoml_bench
+
+    figures = {
+        "batching": "combined", "ours_body_bytes": 5600, "bentoml_body_bytes": 5900,
+        "ours_c1_1_steps_s": 0.030, "bentoml_c1_1_steps_s": 0.025, "ours_c1_25_steps_s": 0.28,
+        "bentoml_c1_25_steps_s": 0.29, "ours_c8_25_steps_rps": 9.0, "bentoml_c8_25_steps_rps": 4.0,
+        "c1_1_step": 1.2, "c1_25_steps": 0.97, "c8_25_steps": 2.25, "ours_refused_s": 0.009, "bentoml_refused_s": 0.003,
+    }
+    lines = bentoml_bench.markdown({"digits": figures})
+    assert "| digits | 30 ms against 25 ms (1.20x) | 280 ms against 290 ms (0.97x) | 9.00 against 4.00 (2.25x) | 5600 B against 5900 B | 9.0 ms against 3.0 ms | combined |" in lines
+    assert "| c1_1_step: ours/BentoML | MISSED (1.20 <= 1.1) |" in lines
+    assert "| c1_25_steps: ours/BentoML | met (0.97 <= 1.1) |" in lines
+    assert "| c8_25_steps: ours/BentoML | met (2.25 >= 2.0) |" in lines
