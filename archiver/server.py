@@ -23,6 +23,32 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def process_family(process: subprocess.Popen | None) -> list[psutil.Process]:
+    """A started process and everything under it."""
+    if process is None:
+        return []
+    try:
+        root = psutil.Process(process.pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def stop_process_group(process: subprocess.Popen) -> list[psutil.Process]:
+    """SIGTERM the process's group (started with start_new_session), then SIGKILL; what survived."""
+    family = process_family(process)
+    for signal_number, grace_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, signal_number)
+        except ProcessLookupError:
+            break
+        _, alive = psutil.wait_procs(family, timeout=grace_s)
+        if not alive:
+            break
+    process.wait(timeout=10)
+    return [member for member in family if member.is_running() and member.status() != psutil.STATUS_ZOMBIE]
+
+
 class TorchServe:
     """Starts TorchServe in the foreground in its own process group, from the repo's config.properties
     (or base_config) with every address moved to a free loopback port."""
@@ -154,13 +180,7 @@ class TorchServe:
         return requests.post(f"{self.inference_url}/predictions/{name}", headers=headers, **kwargs)
 
     def processes(self) -> list[psutil.Process]:
-        if self.process is None:
-            return []
-        try:
-            root = psutil.Process(self.process.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
+        return process_family(self.process)
 
     def __enter__(self) -> "TorchServe":
         return self.start()
@@ -172,18 +192,8 @@ class TorchServe:
         """Stop the whole process group and fail loudly if anything survives."""
         if self.process is None:
             return
-        family = self.processes()
-        for signal_number, grace_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.process.pid, signal_number)
-            except ProcessLookupError:
-                break
-            _, alive = psutil.wait_procs(family, timeout=grace_s)
-            if not alive:
-                break
-        self.process.wait(timeout=10)
+        survivors = stop_process_group(self.process)
         self.log.close()
-        survivors = [process for process in family if process.is_running() and process.status() != psutil.STATUS_ZOMBIE]
         self.process = None
         assert not survivors, f"TorchServe left processes behind: {survivors}"
 

@@ -9,7 +9,6 @@ the machine's speed falls on both alike; every figure is a median.
 """
 
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -19,13 +18,12 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
-import psutil
 import requests
 import yaml
 
 from archiver.build import REPO_ROOT
 from archiver.cli import main as archiver_main
-from archiver.server import TorchServe, free_port
+from archiver.server import TorchServe, free_port, stop_process_group
 
 SERVICE_DIR = REPO_ROOT / "scripts" / "baseline"
 TARGETS = {"c1_1_step": ("<=", 1.1), "c1_25_steps": ("<=", 1.1), "c8_25_steps": (">=", 2.0)}
@@ -91,17 +89,10 @@ class BentoMLService:
     def stop(self) -> None:
         if self.process is None:
             return
-        family = [psutil.Process(self.process.pid), *psutil.Process(self.process.pid).children(recursive=True)]
-        for signal_number, grace_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.process.pid, signal_number)
-            except ProcessLookupError:
-                break
-            if not psutil.wait_procs(family, timeout=grace_s)[1]:
-                break
-        self.process.wait(timeout=10)
+        survivors = stop_process_group(self.process)
         self.log.close()
         self.process = None
+        assert not survivors, f"BentoML left processes behind: {survivors}"
 
 
 def timed(call) -> tuple[float, int]:
