@@ -1,6 +1,8 @@
 """Stage a pipeline, its handler code and a model-config.yaml, then pack them with torch-model-archiver."""
 
+import json
 import shutil
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from archiver.contents import PIPELINE_INDEX, select_component_files, select_pip
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HANDLER_PACKAGE = REPO_ROOT / "handlers"
 HANDLER_ENTRY = HANDLER_PACKAGE / "handler.py"
+PROVENANCE = "built-from.json"  # at the archive root: the source the archive was built from
 
 
 @dataclass
@@ -53,10 +56,13 @@ def build_archive(
     version: str = "1.0",
     allow_pickle_weights: bool = False,
     extras: dict[str, Path] | None = None,
+    source: str | None = None,
 ) -> Path:
     """Pack pipeline_dir and our handler into export_path; return the .mar file or directory.
 
     extras are more directories (refiner, ControlNets, LoRAs), staged at the given relative paths.
+    source, where given, is recorded in the archive (PROVENANCE), so that a later build can tell
+    whether it would replace an archive of another model.
     """
     staged_pipeline = workdir / "stage-pipeline"
     staged_code = workdir / "stage-code"
@@ -65,6 +71,8 @@ def build_archive(
         print(f"adding {relative}/")
         copy_pipeline(source, staged_pipeline / relative, allow_pickle_weights)
     copy_handler_package(staged_code / HANDLER_PACKAGE.name)
+    if source is not None:
+        (staged_code / PROVENANCE).write_text(json.dumps({"source": source}), encoding="utf-8")
     config_file = workdir / "model-config.yaml"
     config_file.write_text(serving.to_yaml(), encoding="utf-8")
 
@@ -84,9 +92,26 @@ def build_archive(
             config_file=str(config_file),
         )
     )
-    result = export_path / (model_name if archive_format == "no-archive" else f"{model_name}.mar")
+    result = archive_path(export_path, model_name, archive_format)
     print(f"built {result} ({human_size(tree_size(result))})")
     return result
+
+
+def archive_path(export_path: Path, model_name: str, archive_format: str) -> Path:
+    return export_path / (model_name if archive_format == "no-archive" else f"{model_name}.mar")
+
+
+def built_from(archive: Path) -> str | None:
+    """The source an existing archive was built from, or None when it does not say (or is unreadable)."""
+    try:
+        if archive.is_dir():
+            text = (archive / PROVENANCE).read_text(encoding="utf-8")
+        else:
+            with zipfile.ZipFile(archive) as packed:
+                text = packed.read(PROVENANCE).decode("utf-8")
+        return json.loads(text)["source"]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
 
 
 def copy_pipeline(source: Path, target: Path, allow_pickle_weights: bool) -> None:

@@ -1,12 +1,13 @@
 """`python -m archiver build`: pack a diffusers pipeline into a TorchServe model archive."""
 
 import argparse
+import sys
 from pathlib import Path
 from typing import get_args
 
 import yaml
 
-from archiver.build import REPO_ROOT, ServingConfig, build_archive
+from archiver.build import REPO_ROOT, ServingConfig, archive_path, build_archive, built_from
 
 TORCHSERVE_MAX_RESPONSE_SIZE = 6_553_500  # TorchServe's default, for a config.properties that sets none
 from archiver.contents import UnsafePipeline
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default: one .mar zip; no-archive: a directory, instant to start (default: %(default)s)")
     build.add_argument("--version", default="1.0")
     build.add_argument("--revision", help="hub revision (branch, tag or commit) to download")
+    build.add_argument("--force", action="store_true",
+                       help="replace an existing archive of this name that was built from another source")
 
     serving = build.add_argument_group("TorchServe settings written into model-config.yaml")
     serving.add_argument("--min-workers", type=int, default=1)
@@ -133,7 +136,17 @@ def main(argv: list[str] | None = None) -> int:
         config = HandlerConfig(**handler_section)
         check_defaults_fit(config.generation_defaults, config.limits, config.service_envelope)
     except ValueError as error:  # pydantic's ValidationError is one
-        print(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    source = source_identity(args.source, args.revision)
+    target = archive_path(args.export_path, args.model_name, args.archive_format)
+    if target.exists() and not args.force and built_from(target) != source:
+        earlier = built_from(target)
+        print(
+            f"error: {target} exists and was built from {'an unknown source' if earlier is None else repr(earlier)}, "
+            f"not {source!r}. Pass --force to replace it, or choose another --model-name or --export-path.",
+            file=sys.stderr,
+        )
         return 2
     serving = ServingConfig(
         min_workers=args.min_workers,
@@ -176,11 +189,20 @@ def main(argv: list[str] | None = None) -> int:
                 version=args.version,
                 allow_pickle_weights=args.allow_unsafe_weights,
                 extras=extras,
+                source=source,
             )
         except (SourceError, UnsafePipeline) as error:
-            print(f"error: {error}")
+            print(f"error: {error}", file=sys.stderr)
             return 2
     return 0
+
+
+def source_identity(source: str, revision: str | None) -> str:
+    """What names a source across builds: a local directory's absolute path, else the name or hub id."""
+    local = Path(source).expanduser()
+    if local.exists():
+        return str(local.resolve())
+    return f"{source}@{revision}" if revision else source
 
 
 def positive_int(text: str) -> int:

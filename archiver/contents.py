@@ -16,7 +16,9 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 COMPONENT_SUFFIXES = (".json", ".safetensors", ".txt", ".model")
 # Top-level names the archive itself uses: our handler code, its entry module, TorchServe's files,
 # and the folders the archiver stages adapters and the refiner into.
-RESERVED_NAMES = frozenset({"handler.py", "handlers", "MAR-INF", "model-config.yaml", "controlnets", "loras", "refiner"})
+RESERVED_NAMES = frozenset(
+    {"handler.py", "handlers", "MAR-INF", "model-config.yaml", "built-from.json", "controlnets", "loras", "refiner"}
+)
 COMPONENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 
 

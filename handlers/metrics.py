@@ -29,7 +29,8 @@ class GenerationMetrics:
         labels = [self.model_name, request.task]
         self._add("diffusion_images_generated", image_count, labels, request_id)
         self._add("diffusion_pixels_generated", image_count * request.width * request.height, labels, request_id)
-        self._add("diffusion_steps_per_request", request.denoising_steps, labels, request_id)
+        self._add("diffusion_requests", 1, labels, request_id)
+        self._add("diffusion_denoising_steps", request.denoising_steps, labels, request_id)
         self._add("diffusion_generation_seconds", round(seconds, 6), labels, request_id)
 
     def record_error(self, error: RequestError, request_id: str) -> None:

@@ -18,7 +18,8 @@ scripts/stop.sh
 
 echo "==> building model-store/stable_diffusion.mar from '$MODEL_SOURCE'"
 # Shipped models bring their own defaults (digits: 64x64, 25 steps); BUILD_ARGS adds any archiver flag.
-python -m archiver build --source "$MODEL_SOURCE" --model-name stable_diffusion --batch-size 4 ${BUILD_ARGS:-}
+# --force: serve.sh rebuilds the archive from whatever MODEL_SOURCE names now.
+python -m archiver build --source "$MODEL_SOURCE" --model-name stable_diffusion --batch-size 4 --force ${BUILD_ARGS:-}
 
 echo "==> starting TorchServe (logs in logs/)"
 mkdir -p logs

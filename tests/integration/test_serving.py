@@ -146,16 +146,19 @@ def test_metrics_port_serves_the_handler_metrics_in_prometheus_format(server):
     assert any(value >= 2 * 96 * 64 for labels, value in pixels.items() if f'ModelName="{TINY}"' in labels)
     errors = scrape(server, "diffusion_errors")
     assert any('Kind="invalid_request"' in labels and value >= 1 for labels, value in errors.items())
-    steps = scrape(server, "diffusion_steps_per_request_sum")
+    steps = scrape(server, "diffusion_denoising_steps")
     assert any(value >= 3 for value in steps.values())
-    seconds = scrape(server, "diffusion_generation_seconds_count")
-    assert any(value >= 1 for value in seconds.values())
+    answered = scrape(server, "diffusion_requests")
+    assert any(value >= 1 for value in answered.values())
+    seconds = scrape(server, "diffusion_generation_seconds")
+    assert any(value > 0 for value in seconds.values())
     text = requests.get(f"{server.metrics_url}/metrics", timeout=10).text  # the metrics port needs no token
     for family, kind in [
         ("diffusion_images_generated", "counter"),
         ("diffusion_pixels_generated", "counter"),
         ("diffusion_errors", "counter"),
-        ("diffusion_steps_per_request", "histogram"),
-        ("diffusion_generation_seconds", "histogram"),
+        ("diffusion_requests", "counter"),
+        ("diffusion_denoising_steps", "counter"),
+        ("diffusion_generation_seconds", "counter"),
     ]:
         assert f"# TYPE {family} {kind}" in text

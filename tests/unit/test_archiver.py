@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from archiver.build import REPO_ROOT
+from archiver.build import REPO_ROOT, built_from
 from archiver.cli import main, read_properties
 from archiver.contents import allowed_patterns
 from handlers.config import Limits
@@ -51,7 +51,7 @@ def test_pickle_only_weights_are_refused_unless_allowed(tmp_path, tiny_pipeline_
     for weights in (pipeline / "vae").glob("*.safetensors"):
         weights.rename(weights.with_suffix(".bin"))
     assert build(tmp_path, "--source", str(pipeline), "--model-name", "p") == 2
-    assert "vae" in capsys.readouterr().out and not (tmp_path / "store" / "p.mar").exists()
+    assert "vae" in capsys.readouterr().err and not (tmp_path / "store" / "p.mar").exists()
     assert build(tmp_path, "--source", str(pipeline), "--model-name", "p", "--allow-unsafe-weights") == 0
     with zipfile.ZipFile(tmp_path / "store" / "p.mar") as archive:
         assert yaml.safe_load(archive.read("model-config.yaml"))["handler"]["allow_pickle_weights"] is True
@@ -76,14 +76,14 @@ def test_unreachable_hub_gives_a_clear_message(tmp_path):
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 2
-    assert "could not download 'someone/some-model'" in result.stdout
-    assert "pass the local directory as --source" in result.stdout
+    assert "could not download 'someone/some-model'" in result.stderr  # errors go to stderr
+    assert "pass the local directory as --source" in result.stderr
 
 
 def test_a_directory_without_model_index_is_refused(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert build(tmp_path, "--source", str(tmp_path / "empty")) == 2
-    assert "no model_index.json" in capsys.readouterr().out
+    assert "no model_index.json" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arguments", [["--help"], ["build", "--help"]])
@@ -134,7 +134,7 @@ def test_a_link_out_of_the_source_refuses_the_build(tmp_path, tiny_pipeline_dir,
     secret.write_text("hf_secret")
     (pipeline / "tokenizer" / "notes.txt").symlink_to(secret)
     assert build(tmp_path, "--source", str(pipeline), "--model-name", "linked") == 2
-    output = capsys.readouterr().out
+    output = capsys.readouterr().err
     assert "tokenizer/notes.txt is a link to" in output and "outside" in output
     assert not (tmp_path / "store" / "linked.mar").exists()
 
@@ -159,7 +159,7 @@ def test_a_component_named_like_a_path_of_ours_refuses_the_build(tmp_path, tiny_
     index[component] = ["diffusers", "AutoencoderKL"]
     (pipeline / "model_index.json").write_text(json.dumps(index))
     assert build(tmp_path, "--source", str(pipeline), "--model-name", "renamed") == 2
-    assert f"names a component {component!r}" in capsys.readouterr().out
+    assert f"names a component {component!r}" in capsys.readouterr().err
 
 
 def test_hub_downloads_ask_only_for_the_allowlisted_files():
@@ -182,7 +182,7 @@ def test_the_server_config_sets_the_answer_limit_and_the_envelope(tmp_path, tiny
     # TorchServe's default limit cannot carry the default 768x768 numpy answer: refused at build time.
     server_config.write_text("inference_address=http://127.0.0.1:8080\n")
     assert build(tmp_path, "--source", str(tiny_pipeline_dir), "--model-name", "small", "--server-config", str(server_config)) == 2
-    assert "max_response_size" in capsys.readouterr().out
+    assert "max_response_size" in capsys.readouterr().err
 
 
 def test_the_handler_default_answer_limit_is_the_shipped_config_s():
@@ -203,3 +203,29 @@ def test_batching_is_the_sources_recommended_one_unless_given(tmp_path, argument
     assert main(["build", *arguments, "--model-name", "m", "--export-path", str(tmp_path),
                  "--archive-format", "no-archive"]) == 0
     assert yaml.safe_load((tmp_path / "m" / "model-config.yaml").read_text())["handler"]["batching"] == batching
+
+
+@pytest.mark.parametrize("archive_format", ["default", "no-archive"])
+def test_an_archive_of_another_source_is_replaced_only_with_force(tmp_path, capsys, archive_format):
+    def build_from(source, *extra):
+        return main(["build", "--source", source, "--model-name", "m", "--export-path", str(tmp_path),
+                     "--archive-format", archive_format, *extra])
+
+    archive = tmp_path / ("m" if archive_format == "no-archive" else "m.mar")
+    assert build_from("digits") == 0
+    assert built_from(archive) == "digits"
+    assert build_from("digits") == 0  # the same source again: a rebuild, no question
+    capsys.readouterr()
+    assert build_from("tiny") == 2
+    error = capsys.readouterr().err
+    assert f"{archive} exists and was built from 'digits', not 'tiny'" in error and "--force" in error
+    assert built_from(archive) == "digits"  # untouched
+    assert build_from("tiny", "--force") == 0
+    assert built_from(archive) == "tiny"
+
+
+def test_an_archive_of_unknown_origin_is_not_replaced_without_force(tmp_path, capsys):
+    (tmp_path / "m.mar").write_bytes(b"someone else's archive")
+    assert main(["build", "--source", "tiny", "--model-name", "m", "--export-path", str(tmp_path)]) == 2
+    assert "built from an unknown source" in capsys.readouterr().err
+    assert (tmp_path / "m.mar").read_bytes() == b"someone else's archive"

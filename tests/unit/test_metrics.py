@@ -26,15 +26,16 @@ def emitted(caplog) -> list[dict]:
     ]
 
 
-def test_metrics_yaml_declares_the_five_metrics():
+def test_metrics_yaml_declares_the_six_metrics_all_counters():
     declared = yaml.safe_load(DECLARATIONS.read_text())["model_metrics"]
     names = {spec["name"]: kind for kind, specs in declared.items() for spec in specs}
     assert names == {
         "diffusion_images_generated": "counter",
         "diffusion_pixels_generated": "counter",
         "diffusion_errors": "counter",
-        "diffusion_steps_per_request": "histogram",
-        "diffusion_generation_seconds": "histogram",
+        "diffusion_requests": "counter",
+        "diffusion_denoising_steps": "counter",
+        "diffusion_generation_seconds": "counter",
     }
 
 
@@ -58,9 +59,10 @@ def test_each_request_emits_its_images_steps_time_pixels_and_errors(served, capl
     assert (txt2img["value"], txt2img["labels"]) == (4, {"ModelName": "tiny", "Task": "txt2img"})
     assert (img2img["value"], img2img["labels"]["Task"]) == (1, "img2img")
     assert [metric["value"] for metric in by_name["diffusion_pixels_generated"]] == [4 * 96 * 64, 64 * 64]
-    assert [metric["value"] for metric in by_name["diffusion_steps_per_request"]] == [3, 2]  # img2img runs 4 x 0.5
+    assert [metric["value"] for metric in by_name["diffusion_requests"]] == [1, 1]
+    assert [metric["value"] for metric in by_name["diffusion_denoising_steps"]] == [3, 2]  # img2img runs 4 x 0.5
     seconds = [metric["value"] for metric in by_name["diffusion_generation_seconds"]]
     assert all(value > 0 for value in seconds)
-    assert {metric["type"] for metric in by_name["diffusion_generation_seconds"]} == {"HISTOGRAM"}
+    assert {metric["type"] for metric in by_name["diffusion_generation_seconds"]} == {"COUNTER"}
     errors = sorted((metric["labels"]["Kind"], metric["value"]) for metric in by_name["diffusion_errors"])
     assert errors == [("invalid_request", 1), ("too_large", 1)]
