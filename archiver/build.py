@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import threading
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 HANDLER_PACKAGE = REPO_ROOT / "handlers"
 HANDLER_ENTRY = HANDLER_PACKAGE / "handler.py"
 PROVENANCE = "built-from.json"  # at the archive root: the source the archive was built from
+PROGRESS_INTERVAL_S = 10.0
 
 
 @dataclass
@@ -77,24 +80,53 @@ def build_archive(
     config_file.write_text(serving.to_yaml(), encoding="utf-8")
 
     export_path.mkdir(parents=True, exist_ok=True)
-    print(f"packing with torch-model-archiver ({archive_format} format) into {export_path}")
-    generate_model_archive(
-        ModelArchiverConfig(
-            model_name=model_name,
-            handler=str(HANDLER_ENTRY),
-            version=version,
-            # A directory given as an extra file has its contents copied to the archive root,
-            # so the pipeline needs no inner zip and `handlers/` stays importable there.
-            extra_files=f"{staged_pipeline},{staged_code}",
-            export_path=str(export_path),
-            archive_format=archive_format,
-            force=True,
-            config_file=str(config_file),
-        )
-    )
     result = archive_path(export_path, model_name, archive_format)
+    staged_bytes = tree_size(staged_pipeline) + tree_size(staged_code)
+    print(f"packing {human_size(staged_bytes)} with torch-model-archiver ({archive_format} format) into {export_path}")
+    with PackingProgress(result, staged_bytes):
+        generate_model_archive(
+            ModelArchiverConfig(
+                model_name=model_name,
+                handler=str(HANDLER_ENTRY),
+                version=version,
+                # A directory given as an extra file has its contents copied to the archive root,
+                # so the pipeline needs no inner zip and `handlers/` stays importable there.
+                extra_files=f"{staged_pipeline},{staged_code}",
+                export_path=str(export_path),
+                archive_format=archive_format,
+                force=True,
+                config_file=str(config_file),
+            )
+        )
     print(f"built {result} ({human_size(tree_size(result))})")
     return result
+
+
+class PackingProgress:
+    """Say every PROGRESS_INTERVAL_S how much of the archive is written: gigabytes take minutes."""
+
+    def __init__(self, target: Path, expected_bytes: int):
+        self.target, self.expected_bytes = target, expected_bytes
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.report, daemon=True)
+
+    def report(self) -> None:
+        started = time.monotonic()
+        while not self.done.wait(PROGRESS_INTERVAL_S):
+            try:
+                written = tree_size(self.target) if self.target.exists() else 0
+            except OSError:  # a file moved while the archiver writes: the next report counts it
+                continue
+            print(f"  packed {human_size(written)} of about {human_size(self.expected_bytes)} "
+                  f"({time.monotonic() - started:.0f} s)", flush=True)
+
+    def __enter__(self) -> "PackingProgress":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.done.set()
+        self.thread.join()
 
 
 def archive_path(export_path: Path, model_name: str, archive_format: str) -> Path:

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--source",
         default="tiny",
-        help=f"a local diffusers directory, a Hugging Face Hub id, or a built-in: {', '.join([*SHIPPED, *BUILT_IN])} "
+        help=f"a local diffusers directory, a Hugging Face Hub id (owner/name), or a built-in: {', '.join([*SHIPPED, *BUILT_IN])} "
         "(default: tiny)",
     )
     build.add_argument("--model-name", default="stable_diffusion", help="archive and model name (default: %(default)s)")

@@ -49,7 +49,22 @@ def stop_process_group(process: subprocess.Popen) -> list[psutil.Process]:
     return [member for member in family if member.is_running() and member.status() != psutil.STATUS_ZOMBIE]
 
 
-class TorchServe:
+class OwnedServer:
+    """A server process this code started in its own session, logging to self.log; stop() ends the
+    whole process group and fails loudly if anything survives."""
+
+    process: subprocess.Popen | None = None
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        survivors = stop_process_group(self.process)
+        self.log.close()
+        self.process = None
+        assert not survivors, f"{type(self).__name__} left processes behind: {survivors}"
+
+
+class TorchServe(OwnedServer):
     """Starts TorchServe in the foreground in its own process group, from the repo's config.properties
     (or base_config) with every address moved to a free loopback port."""
 
@@ -187,15 +202,6 @@ class TorchServe:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
-
-    def stop(self) -> None:
-        """Stop the whole process group and fail loudly if anything survives."""
-        if self.process is None:
-            return
-        survivors = stop_process_group(self.process)
-        self.log.close()
-        self.process = None
-        assert not survivors, f"TorchServe left processes behind: {survivors}"
 
     def log_tail(self, lines: int = 60) -> str:
         text = ""

@@ -1,6 +1,7 @@
 """Turn a --source argument into a local diffusers pipeline directory."""
 
 import json
+import re
 import tempfile
 import zlib
 from pathlib import Path
@@ -32,6 +33,11 @@ RECOMMENDED_DEFAULTS = {
 RECOMMENDED_BATCHING = {"digits": "combined"}
 
 
+# The Hub's repo id form (huggingface_hub's validate_repo_id), with the owner required: diffusers
+# pipelines live under one. Anything else that names no local directory is a mistyped path.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+
+
 class SourceError(Exception):
     """The source cannot be turned into a safe pipeline directory; the message says why."""
 
@@ -51,8 +57,13 @@ def resolve_source(source: str, workdir: Path, allow_pickle_weights: bool = Fals
         if not (local / "model_index.json").is_file():
             raise SourceError(f"{local} is not a diffusers pipeline directory: it has no model_index.json")
         return local
-    if local.exists() or source.startswith((".", "/", "~")):
+    if local.exists():
         raise SourceError(f"{source} is not a directory")
+    if not HUB_ID.fullmatch(source) or "--" in source or ".." in source:
+        raise SourceError(
+            f"{source} is neither a local directory (none exists there) nor a Hugging Face Hub id of the form "
+            "owner/name; nothing was downloaded"
+        )
     return download_from_hub(source, workdir, allow_pickle_weights, revision)
 
 

@@ -23,7 +23,7 @@ import yaml
 
 from archiver.build import REPO_ROOT
 from archiver.cli import main as archiver_main
-from archiver.server import TorchServe, free_port, stop_process_group
+from archiver.server import OwnedServer, TorchServe, free_port
 
 SERVICE_DIR = REPO_ROOT / "scripts" / "baseline"
 TARGETS = {"c1_1_step": ("<=", 1.1), "c1_25_steps": ("<=", 1.1), "c8_25_steps": (">=", 2.0)}
@@ -48,7 +48,7 @@ LARGER = (
 )
 
 
-class BentoMLService:
+class BentoMLService(OwnedServer):
     """`bentoml serve` on loopback, in its own process group, stopped with everything it started."""
 
     def __init__(self, workdir: Path, pipeline_dir: Path):
@@ -85,14 +85,6 @@ class BentoMLService:
 
     def predict(self, body: dict) -> requests.Response:
         return requests.post(f"{self.url}/txt2img", json=body, timeout=600)
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        survivors = stop_process_group(self.process)
-        self.log.close()
-        self.process = None
-        assert not survivors, f"BentoML left processes behind: {survivors}"
 
 
 def timed(call) -> tuple[float, int]:

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from archiver import build as archiver_build
 from archiver.build import REPO_ROOT, built_from
 from archiver.cli import main, read_properties
 from archiver.contents import allowed_patterns
@@ -229,3 +231,26 @@ def test_an_archive_of_unknown_origin_is_not_replaced_without_force(tmp_path, ca
     assert main(["build", "--source", "tiny", "--model-name", "m", "--export-path", str(tmp_path)]) == 2
     assert "built from an unknown source" in capsys.readouterr().err
     assert (tmp_path / "m.mar").read_bytes() == b"someone else's archive"
+
+
+@pytest.mark.parametrize("source", ["models/sd15/missing", "sd15", "./sd15", "~/missing-model", "owner/../name", "C:\\models\\sd"])
+def test_only_a_hub_id_form_goes_to_the_hub(tmp_path, capsys, source):
+    """A mistyped path is an error that says so; it is never sent to the Hub as an id."""
+    assert main(["build", "--source", source, "--export-path", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "is neither a local directory (none exists there) nor a Hugging Face Hub id of the form owner/name" in error
+    assert "could not download" not in error
+
+
+def test_a_hub_id_form_is_sent_to_the_hub(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub is unreachable here: the attempt is what is checked
+    assert main(["build", "--source", "owner/some-model.v1", "--export-path", str(tmp_path)]) == 2
+    assert "could not download 'owner/some-model.v1'" in capsys.readouterr().err
+
+
+def test_packing_reports_its_progress(tmp_path, tiny_pipeline_dir, capsys, monkeypatch):
+    monkeypatch.setattr(archiver_build, "PROGRESS_INTERVAL_S", 0.001)  # the tiny model packs in well under 10 s
+    assert build(tmp_path, "--source", str(tiny_pipeline_dir), "--model-name", "p") == 0
+    output = capsys.readouterr().out
+    assert re.search(r"packing \d+\.\d MB with torch-model-archiver", output)
+    assert re.search(r"  packed [\d.]+ (B|KB|MB) of about [\d.]+ MB \(\d+ s\)", output)
