@@ -70,9 +70,9 @@ def build_archive(
     staged_pipeline = workdir / "stage-pipeline"
     staged_code = workdir / "stage-code"
     copy_pipeline(pipeline_dir, staged_pipeline, allow_pickle_weights)
-    for relative, source in (extras or {}).items():
+    for relative, extra_dir in (extras or {}).items():
         print(f"adding {relative}/")
-        copy_pipeline(source, staged_pipeline / relative, allow_pickle_weights)
+        copy_pipeline(extra_dir, staged_pipeline / relative, allow_pickle_weights)
     copy_handler_package(staged_code / HANDLER_PACKAGE.name)
     if source is not None:
         (staged_code / PROVENANCE).write_text(json.dumps({"source": source}), encoding="utf-8")

@@ -254,3 +254,10 @@ def test_packing_reports_its_progress(tmp_path, tiny_pipeline_dir, capsys, monke
     output = capsys.readouterr().out
     assert re.search(r"packing \d+\.\d MB with torch-model-archiver", output)
     assert re.search(r"  packed [\d.]+ (B|KB|MB) of about [\d.]+ MB \(\d+ s\)", output)
+
+
+def test_an_archive_with_adapters_records_the_pipeline_source(tmp_path):
+    """The adapters' own sources are staged beside it; the archive is still the pipeline's."""
+    assert main(["build", "--source", "tiny", "--lora", "style=tiny", "--controlnet", "canny=tiny",
+                 "--model-name", "m", "--export-path", str(tmp_path), "--archive-format", "no-archive"]) == 0
+    assert built_from(tmp_path / "m") == "tiny"
