@@ -28,7 +28,7 @@ class ServingConfig:
     min_workers: int = 1
     max_workers: int = 1
     batch_size: int = 1
-    max_batch_delay_ms: int = 4
+    max_batch_delay_ms: int = 1
     response_timeout_s: int = 600
     startup_timeout_s: int = 600
     handler: dict = field(default_factory=dict)

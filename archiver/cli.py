@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_argument(
         "--max-batch-delay",
         type=positive_int,
-        default=4,
+        default=ServingConfig.max_batch_delay_ms,
         help="milliseconds a lone request waits for batch-mates; requests already queued join at once, so a "
         "short wait costs no throughput (README, Batching). TorchServe ignores 0 and waits 100 ms (default: %(default)s)",
     )

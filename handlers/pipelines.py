@@ -10,6 +10,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from handlers.config import HandlerConfig
+from handlers.execution_device import pin_execution_device
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ def apply_memory_options(pipeline: DiffusionPipeline, config: HandlerConfig, dev
         pipeline.enable_sequential_cpu_offload(device=device)
     else:
         pipeline.to(device)
+        pin_execution_device(pipeline, device)
 
 
 def set_attention_backend(model: torch.nn.Module, backend: str) -> None:

@@ -17,6 +17,7 @@ from diffusers import (
 )
 
 from handlers.errors import RequestError
+from handlers.execution_device import pin_execution_device, pinned_device
 
 SCHEDULERS = {
     "ddim": (DDIMScheduler, {}),
@@ -90,4 +91,7 @@ class PipelineViews:
                     field="task",
                 ) from None
         view.set_progress_bar_config(disable=True)
+        device = pinned_device(self.base)
+        if device is not None and pinned_device(view) is None:  # it shares the base's modules, so their place
+            pin_execution_device(view, device)
         return view

@@ -41,7 +41,7 @@ class Case:
     has_targets: bool
 
 
-DIGITS = Case("digits", ("--source", "digits"), 64, 4.0, 15, 16, 3, True)
+DIGITS = Case("digits", ("--source", "digits"), 64, 4.0, 30, 16, 3, True)
 LARGER = (
     Case("tiny SD 256", ("--source", "tiny", "--height", "256", "--width", "256"), 256, 7.5, 5, 8, 1, False),
     Case("tiny SD 512", ("--source", "tiny", "--height", "512", "--width", "512"), 512, 7.5, 3, 8, 1, False),

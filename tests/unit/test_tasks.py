@@ -286,3 +286,24 @@ def test_a_real_cuda_out_of_memory_is_split_and_answered(tiny_pipeline_dir):
     assert len(json.loads(body)["images"]) == 8
     assert max(sizes) == 16 and min(sizes) < 16  # the whole batch was tried (x2 for guidance), then split
     assert after <= before + 2**20  # the failed calls' tensors were released
+
+
+def test_every_view_knows_its_device_without_searching_for_offload_hooks(sd, monkeypatch):
+    from diffusers import DiffusionPipeline
+    from diffusers.hooks import group_offloading
+
+    handler, _ = sd
+    views = handler.generator.views
+    pipelines = [handler.pipeline, views.pipeline_for("img2img"), views.pipeline_for("inpaint"),
+                 views.pipeline_for("txt2img", controlnet="canny"), views.pipeline_for("txt2img", scheduler="euler")]
+    for pipeline in pipelines:
+        # diffusers' own search, run once here, agrees with the pinned answer.
+        assert DiffusionPipeline._execution_device.fget(pipeline) == pipeline._execution_device == torch.device("cpu")
+        assert type(pipeline).__name__ == type(pipeline).__mro__[1].__name__  # AutoPipeline maps go by the name
+
+    def search(_model):
+        raise AssertionError("the offload-hook search ran during a request")
+
+    monkeypatch.setattr(group_offloading, "_get_group_onload_device", search)
+    assert generate(sd, num_inference_steps=1).shape == (64, 64, 3)
+    assert generate(sd, num_inference_steps=1, scheduler="euler", image=png_base64(), strength=0.5).shape == (64, 64, 3)
