@@ -12,10 +12,11 @@ import yaml
 from model_archiver.model_archiver_config import ModelArchiverConfig
 from model_archiver.model_packaging import generate_model_archive
 
+import handlers
 from archiver.contents import PIPELINE_INDEX, select_component_files, select_pipeline_files
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-HANDLER_PACKAGE = REPO_ROOT / "handlers"
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout, for its scripts and config.properties
+HANDLER_PACKAGE = Path(handlers.__file__).resolve().parent  # from the checkout or an installed wheel
 HANDLER_ENTRY = HANDLER_PACKAGE / "handler.py"
 PROVENANCE = "built-from.json"  # at the archive root: the source the archive was built from
 PROGRESS_INTERVAL_S = 10.0

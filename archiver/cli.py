@@ -7,7 +7,7 @@ from typing import get_args
 
 import yaml
 
-from archiver.build import REPO_ROOT, ServingConfig, archive_path, build_archive, built_from
+from archiver.build import ServingConfig, archive_path, build_archive, built_from
 
 TORCHSERVE_MAX_RESPONSE_SIZE = 6_553_500  # TorchServe's default, for a config.properties that sets none
 from archiver.contents import UnsafePipeline
@@ -41,11 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: tiny)",
     )
     build.add_argument("--model-name", default="stable_diffusion", help="archive and model name (default: %(default)s)")
-    build.add_argument("--export-path", type=Path, default=REPO_ROOT / "model-store", help="where the archive goes")
+    build.add_argument("--export-path", type=Path, default=Path("model-store"),
+                       help="where the archive goes (default: ./model-store)")
     build.add_argument("--archive-format", choices=("default", "no-archive"), default="default",
                        help="default: one .mar zip; no-archive: a directory, instant to start (default: %(default)s)")
     build.add_argument("--version", default="1.0")
     build.add_argument("--revision", help="hub revision (branch, tag or commit) to download")
+    build.add_argument("--variant", help="the weights variant to fetch and load, as diffusers names it (fp16: half "
+                       "the download where the repository has it); written into the handler: section")
     build.add_argument("--force", action="store_true",
                        help="replace an existing archive of this name that was built from another source")
 
@@ -65,9 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_argument(
         "--server-config",
         type=Path,
-        default=REPO_ROOT / "config.properties",
+        default=Path("config.properties"),
         help="the config.properties that will serve the archive: its max_response_size and service_envelope "
-        "become the handler's max_response_bytes and service_envelope (default: %(default)s)",
+        "become the handler's max_response_bytes and service_envelope (default: ./config.properties, or "
+        "TorchServe's defaults where there is none)",
     )
 
     handler = build.add_argument_group(
@@ -128,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     handler_section = {**defaults.model_dump(exclude_none=True), "torch_dtype": args.torch_dtype, "batching": batching}
     if args.allow_unsafe_weights:
         handler_section["allow_pickle_weights"] = True
+    if args.variant:
+        handler_section["variant"] = args.variant
     try:
         handler_section.update(server_settings(args.server_config))
         handler_section.update(parse_assignments(args.handler_options, "--set"))
@@ -160,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     with new_workdir() as workdir_name:
         workdir = Path(workdir_name)
         try:
-            pipeline_dir = resolve_source(args.source, workdir, args.allow_unsafe_weights, args.revision)
+            pipeline_dir = resolve_source(
+                args.source, workdir, args.allow_unsafe_weights, args.revision, config.variant
+            )
             extras = {}
             if args.refiner:
                 extras["refiner"] = resolve_refiner(args.refiner, pipeline_dir, workdir)
@@ -214,6 +222,9 @@ def positive_int(text: str) -> int:
 
 def server_settings(config_path: Path) -> dict:
     """What the handler must know of the server that serves it, which TorchServe does not tell a worker."""
+    if config_path == Path("config.properties") and not config_path.exists():
+        print("no ./config.properties: the archive assumes TorchServe's default settings", file=sys.stderr)
+        return {"max_response_bytes": TORCHSERVE_MAX_RESPONSE_SIZE}
     properties = read_properties(config_path)
     settings = {"max_response_bytes": int(properties.get("max_response_size", TORCHSERVE_MAX_RESPONSE_SIZE))}
     if properties.get("service_envelope"):

@@ -48,12 +48,6 @@ def packed_suffixes(allow_pickle_weights: bool) -> tuple[str, ...]:
     return COMPONENT_SUFFIXES + (PICKLE_SUFFIXES if allow_pickle_weights else ())
 
 
-def allowed_patterns(index: dict, allow_pickle_weights: bool = False) -> list[str]:
-    """Glob patterns of the files to fetch from a hub repository, before anything is downloaded."""
-    suffixes = packed_suffixes(allow_pickle_weights)
-    return [PIPELINE_INDEX] + [f"{name}/*{suffix}" for name in component_names(index) for suffix in suffixes]
-
-
 def select_pipeline_files(source: Path, allow_pickle_weights: bool = False) -> Selection:
     """The files of source that make up its pipeline; raise UnsafePipeline for links that leave it."""
     index = json.loads((source / PIPELINE_INDEX).read_text())

@@ -1,6 +1,5 @@
 """Turn a --source argument into a local diffusers pipeline directory."""
 
-import json
 import re
 import tempfile
 import zlib
@@ -8,7 +7,7 @@ from pathlib import Path
 
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 
-from archiver.contents import PICKLE_SUFFIXES, PIPELINE_INDEX, allowed_patterns
+from archiver.contents import PICKLE_SUFFIXES
 from archiver.digits import DEFAULT_WEIGHTS_DIR as DIGITS_WEIGHTS_DIR
 from archiver.tiny import (
     build_tiny_controlnet,
@@ -42,7 +41,10 @@ class SourceError(Exception):
     """The source cannot be turned into a safe pipeline directory; the message says why."""
 
 
-def resolve_source(source: str, workdir: Path, allow_pickle_weights: bool = False, revision: str | None = None) -> Path:
+def resolve_source(
+    source: str, workdir: Path, allow_pickle_weights: bool = False, revision: str | None = None,
+    variant: str | None = None,
+) -> Path:
     """A built-in name, a local directory, or a Hugging Face Hub id, as a local directory."""
     if source in SHIPPED:
         print(f"using the shipped {source!r} pipeline in {SHIPPED[source]}")
@@ -64,7 +66,7 @@ def resolve_source(source: str, workdir: Path, allow_pickle_weights: bool = Fals
             f"{source} is neither a local directory (none exists there) nor a Hugging Face Hub id of the form "
             "owner/name; nothing was downloaded"
         )
-    return download_from_hub(source, workdir, allow_pickle_weights, revision)
+    return download_from_hub(source, allow_pickle_weights, revision, variant)
 
 
 def resolve_refiner(source: str, pipeline_dir: Path, workdir: Path) -> Path:
@@ -115,23 +117,32 @@ def _unet(pipeline_dir: Path) -> UNet2DConditionModel:
     return UNet2DConditionModel.from_pretrained(pipeline_dir / "unet", use_safetensors=True)
 
 
-def download_from_hub(repo_id: str, workdir: Path, allow_pickle_weights: bool, revision: str | None) -> Path:
-    """Fetch model_index.json, then only the files of the components it names (the archiver's allowlist)."""
-    from huggingface_hub import hf_hub_download, snapshot_download
+def download_from_hub(repo_id: str, allow_pickle_weights: bool, revision: str | None, variant: str | None) -> Path:
+    """The pipeline's files in the Hugging Face cache, downloaded once.
 
-    print(f"downloading {repo_id} from the Hugging Face Hub")
+    diffusers fetches only the component folders that model_index.json names, safetensors unless
+    pickle weights are allowed, and the variant's weights where asked. A later build of the same
+    revision reads the cache, and with HF_HUB_OFFLINE=1 a build never leaves it.
+    """
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE
+    where = f"the Hugging Face cache ({constants.HF_HUB_CACHE})"
+    print(f"fetching {repo_id} through {where}" + (", offline: HF_HUB_OFFLINE is set" if offline else ""))
     try:
-        index = json.loads(Path(hf_hub_download(repo_id, PIPELINE_INDEX, revision=revision)).read_text())
-        patterns = allowed_patterns(index, allow_pickle_weights)
-        return Path(
-            snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_dir=workdir / "download")
+        snapshot = Path(DiffusionPipeline.download(
+            repo_id, revision=revision, variant=variant, use_safetensors=None if allow_pickle_weights else True
+        ))
+    except Exception as error:  # hub, network and cache errors have no common base
+        advice = (
+            f"HF_HUB_OFFLINE is set, so only models already in {where} can be built; unset it to download"
+            if offline else
+            "Check the id and your connection, log in with `hf auth login` for gated models, or download it "
+            "elsewhere and pass the local directory as --source"
         )
-    except (OSError, ValueError) as error:  # hub errors derive from these; offline is a ConnectionError
-        raise SourceError(
-            f"could not download {repo_id!r} from the Hugging Face Hub ({type(error).__name__}: {error}). "
-            "Check the id and your connection, log in with `hf auth login` for gated models, "
-            "or download it elsewhere and pass the local directory as --source."
-        ) from error
+        raise SourceError(f"could not fetch {repo_id!r} ({type(error).__name__}: {error}). {advice}.") from error
+    print(f"using {snapshot}")
+    return snapshot
 
 
 def pickle_only_components(pipeline_dir: Path) -> list[str]:

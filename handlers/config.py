@@ -94,6 +94,10 @@ class HandlerConfig(GenerationDefaults, Limits):
     allow_pickle_weights: bool = Field(
         False, description="load .bin/.ckpt weights; pickle can run code, so only for trusted models"
     )
+    variant: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_]{1,32}$",
+        description="the weights variant to load, as diffusers names it (fp16: unet/diffusion_pytorch_model.fp16.safetensors)",
+    )
     unpack_dir: str | None = Field(
         None, description="where a model.zip is unpacked once per model version; default: inside the model dir"
     )

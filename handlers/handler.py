@@ -54,7 +54,7 @@ class DiffusersHandler(BaseHandler):
         combine = resolve_batching(self.config.batching, self.device)
         allow_pickle = self.config.allow_pickle_weights
         logger.info("loading %s on %s as %s (combined batches: %s)", pipeline_dir, self.device, dtype, combine)
-        self.pipeline = load_pipeline(pipeline_dir, dtype, allow_pickle)
+        self.pipeline = load_pipeline(pipeline_dir, dtype, allow_pickle, self.config.variant)
         load_loras(self.pipeline, self.config.loras, pipeline_dir, allow_pickle)
         controlnets = load_controlnets(self.config.controlnets, pipeline_dir, dtype, allow_pickle)
         refiner = None

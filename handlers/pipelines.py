@@ -42,10 +42,12 @@ def resolve_batching(name: str, device: torch.device) -> bool:
     return name == "combined"
 
 
-def load_pipeline(source: str | Path, dtype: torch.dtype, allow_pickle_weights: bool = False, **components):
+def load_pipeline(
+    source: str | Path, dtype: torch.dtype, allow_pickle_weights: bool = False, variant: str | None = None, **components
+):
     """Load from a local directory or a hub id, safetensors only unless pickle is allowed."""
     pipeline = DiffusionPipeline.from_pretrained(
-        source, dtype=dtype, use_safetensors=None if allow_pickle_weights else True, **components
+        source, dtype=dtype, use_safetensors=None if allow_pickle_weights else True, variant=variant, **components
     )
     pipeline.set_progress_bar_config(disable=True)  # tqdm bars would flood the worker log
     return pipeline

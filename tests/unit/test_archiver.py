@@ -13,7 +13,6 @@ import yaml
 from archiver import build as archiver_build
 from archiver.build import REPO_ROOT, built_from
 from archiver.cli import main, read_properties
-from archiver.contents import allowed_patterns
 from handlers.config import Limits
 from tests.conftest import plant_hostile_files
 
@@ -162,16 +161,6 @@ def test_a_component_named_like_a_path_of_ours_refuses_the_build(tmp_path, tiny_
     (pipeline / "model_index.json").write_text(json.dumps(index))
     assert build(tmp_path, "--source", str(pipeline), "--model-name", "renamed") == 2
     assert f"names a component {component!r}" in capsys.readouterr().err
-
-
-def test_hub_downloads_ask_only_for_the_allowlisted_files():
-    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "safety_checker": [None, None]}
-    patterns = allowed_patterns(index)
-    assert patterns[0] == "model_index.json"
-    assert {pattern.split("/")[0] for pattern in patterns[1:]} == {"unet", "tokenizer"}
-    assert not [pattern for pattern in patterns if pattern.endswith((".py", ".bin", ".ckpt"))]
-    assert "unet/*.bin" in allowed_patterns(index, allow_pickle_weights=True)
 
 
 def test_the_server_config_sets_the_answer_limit_and_the_envelope(tmp_path, tiny_pipeline_dir, capsys):
