@@ -75,23 +75,32 @@ def compact_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def json_document(request: GenerationRequest, images: list[Image], image_format: str) -> dict:
-    """Base64 images with the seeds and parameters that made them."""
+def json_document(
+    request: GenerationRequest, images: list[Image], image_format: str, nsfw_flags: list[bool] | None = None
+) -> dict:
+    """Base64 images with the seeds and parameters that made them, and the safety checker's flags where it ran."""
     encoded = [base64.b64encode(encode_image(image, image_format, request.quality)).decode() for image in images]
-    return document_of(request, encoded, image_format)
+    return document_of(request, encoded, image_format, nsfw_flags)
 
 
-def document_of(request: GenerationRequest, encoded_images: list[str], image_format: str) -> dict:
+def document_of(
+    request: GenerationRequest, encoded_images: list[str], image_format: str, nsfw_flags: list[bool] | None
+) -> dict:
     parameters = request.model_dump(exclude={"output_format", "quality", "stream", *IMAGE_FIELDS})
-    return {
+    document = {
         "images": encoded_images,
         "content_type": IMAGE_TYPES[image_format],
         "seeds": request.image_seeds,
         "parameters": parameters,
     }
+    if nsfw_flags is not None:
+        document["nsfw_content_detected"] = nsfw_flags
+    return document
 
 
-def encode_response(request: GenerationRequest, images: list[Image], enveloped: bool = False) -> tuple[Any, str]:
+def encode_response(
+    request: GenerationRequest, images: list[Image], enveloped: bool = False, nsfw_flags: list[bool] | None = None
+) -> tuple[Any, str]:
     """The body and its Content-Type.
 
     One image in png/jpeg/webp is sent as raw bytes; several are sent as the json document in that
@@ -103,7 +112,7 @@ def encode_response(request: GenerationRequest, images: list[Image], enveloped: 
         return (numpy_list(images) if enveloped else encode_numpy_json(images)), JSON
     if output_format in IMAGE_TYPES and len(images) == 1 and not enveloped:
         return encode_image(images[0], output_format, request.quality), IMAGE_TYPES[output_format]
-    document = json_document(request, images, "png" if output_format == "json" else output_format)
+    document = json_document(request, images, "png" if output_format == "json" else output_format, nsfw_flags)
     return (document if enveloped else compact_json(document)), JSON
 
 
@@ -111,10 +120,12 @@ def progress_line(step: int, total: int, elapsed: float) -> str:
     return compact_json({"step": step, "total": total, "elapsed": round(elapsed, 3)}) + "\n"
 
 
-def stream_result(request: GenerationRequest, images: list[Image]) -> tuple[str, str]:
+def stream_result(
+    request: GenerationRequest, images: list[Image], nsfw_flags: list[bool] | None = None
+) -> tuple[str, str]:
     """The last line of a stream: the json document, its images in png unless jpeg or webp was asked for."""
     image_format = request.output_format if request.output_format in IMAGE_TYPES else "png"
-    return compact_json(json_document(request, images, image_format)) + "\n", NDJSON
+    return compact_json(json_document(request, images, image_format, nsfw_flags)) + "\n", NDJSON
 
 
 # What an encoded image can take, measured on uniform noise (the worst case) at quality 100:
@@ -136,8 +147,8 @@ def answer_size_bound(request: GenerationRequest, envelope: str = "none") -> int
         return image_bytes
     image_format = request.output_format if request.output_format in IMAGE_TYPES else "png"
     # The document with empty image strings: base64 needs no JSON escaping, so each image adds exactly
-    # its base64 length to it, and no image-sized placeholder need be built.
-    document = document_of(request, [""] * request.image_count, image_format)
+    # its base64 length to it, and no image-sized placeholder need be built. Flags at their longest.
+    document = document_of(request, [""] * request.image_count, image_format, [False] * request.image_count)
     text = compact_json(document) if envelope == "none" else json.dumps({"predictions": [document]}, indent=2)
     base64_bytes = 4 * math.ceil(image_bytes / 3)
     progress_bytes = STREAM_PROGRESS_BYTES * request.num_inference_steps if request.stream else 0

@@ -94,6 +94,12 @@ class HandlerConfig(GenerationDefaults, Limits):
     allow_pickle_weights: bool = Field(
         False, description="load .bin/.ckpt weights; pickle can run code, so only for trusted models"
     )
+    safety_checker: bool = Field(
+        True,
+        description="run the pipeline's own safety checker where it ships one (SD 1.x/2.x): a flagged image comes back "
+        "black, and nsfw_content_detected (json) or X-NSFW-Content-Detected (header) says which; false loads the "
+        "pipeline without it",
+    )
     variant: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_]{1,32}$",
         description="the weights variant to load, as diffusers names it (fp16: unet/diffusion_pytorch_model.fp16.safetensors)",

@@ -65,11 +65,27 @@ class ImageJob:
 
 
 @dataclass
+class Picture:
+    """One generated image, and whether the pipeline's safety checker flagged it (None: no checker ran)."""
+
+    image: Image
+    nsfw: bool | None = None
+
+
+@dataclass
 class Generated:
-    """A request's images (image i seeded with image_seeds[i]) and the seconds of the call that made them."""
+    """A request's images (image i seeded with image_seeds[i]), the seconds of the call that made them, and
+    the safety checker's flag for each image where it ran (a flagged image is the checker's black one)."""
 
     images: list[Image]
     seconds: float
+    nsfw_flags: list[bool] | None = None
+
+
+def pictures_of(output) -> list[Picture]:
+    # Only SD 1.x/2.x-style outputs carry the field, and it is None when the pipeline has no checker.
+    flags = getattr(output, "nsfw_content_detected", None) or [None] * len(output.images)
+    return [Picture(image, bool(flag) if flag is not None else None) for image, flag in zip(output.images, flags)]
 
 
 def image_jobs(group: list[GenerationRequest]) -> list[ImageJob]:
@@ -137,8 +153,14 @@ class ImageGenerator:
             return [result for request in group for result in self.run_isolated([request], on_step)]
         if isinstance(outcome, RequestError):
             return [outcome] * len(group)
-        images = iter(outcome)
-        return [Generated([next(images) for _ in range(request.image_count)], seconds) for request in group]
+        pictures = iter(outcome)
+        results = []
+        for request in group:
+            mine = [next(pictures) for _ in range(request.image_count)]
+            checked = all(picture.nsfw is not None for picture in mine)
+            results.append(Generated([picture.image for picture in mine], seconds,
+                                     [picture.nsfw for picture in mine] if checked else None))
+        return results
 
     def groups(self, requests: list[GenerationRequest]) -> list[list[int]]:
         if not self.combine_requests:
@@ -146,12 +168,12 @@ class ImageGenerator:
         order = sorted(range(len(requests)), key=lambda index: batch_key(requests[index]))
         return [list(group) for _, group in groupby(order, key=lambda index: batch_key(requests[index]))]
 
-    def run_group(self, group: list[GenerationRequest], on_step: StepListener | None = None) -> list[Image] | RequestError:
+    def run_group(self, group: list[GenerationRequest], on_step: StepListener | None = None) -> list[Picture] | RequestError:
         first = group[0]
         jobs = image_jobs(group)
         if first.denoising_steps < 1:
             # Strength this low leaves no denoising step: the input image is the answer.
-            return [job.image for job in jobs]
+            return [Picture(job.image) for job in jobs]
         try:
             pipeline = self.views.pipeline_for(first.task, first.controlnet, first.scheduler)
             self._activate_loras(first.lora_weights)
@@ -170,7 +192,7 @@ class ImageGenerator:
                 f"generation failed ({type(error).__name__}); the worker log has the details"
             )
 
-    def _run_jobs(self, pipeline, request, jobs: list[ImageJob], progress) -> list[Image]:
+    def _run_jobs(self, pipeline, request, jobs: list[ImageJob], progress) -> list[Picture]:
         """Run the jobs in one call; out of memory, retry in halves before giving up.
 
         Every image has its own seeded generator, so a split batch gives the same images.
@@ -188,7 +210,7 @@ class ImageGenerator:
             pipeline, request, jobs[middle:], progress
         )
 
-    def _call(self, pipeline, request: GenerationRequest, jobs: list[ImageJob], progress) -> list[Image]:
+    def _call(self, pipeline, request: GenerationRequest, jobs: list[ImageJob], progress) -> list[Picture]:
         prompts = [job.prompt for job in jobs]
         negative_prompts = [job.negative_prompt for job in jobs]
         # CPU generators give the same noise on every device.
@@ -218,18 +240,18 @@ class ImageGenerator:
         arguments = without_unsupported(pipeline, arguments)
         if self._refines(request):
             return self._refine(pipeline, arguments, progress)
-        return pipeline(**arguments).images
+        return pictures_of(pipeline(**arguments))
 
     def _refines(self, request: GenerationRequest) -> bool:
         return self.refiner is not None and request.use_refiner and request.task == "txt2img" and not request.controlnet
 
-    def _refine(self, pipeline, arguments: dict, progress) -> list[Image]:
+    def _refine(self, pipeline, arguments: dict, progress) -> list[Picture]:
         """SDXL's ensemble of experts: the base denoises the high-noise part, the refiner finishes in latents."""
         latents = pipeline(**arguments, denoising_end=self.refiner_switch, output_type="latent").images
         if progress:
             progress.begin_stage()
         refiner_arguments = without_unsupported(self.refiner, arguments)
-        return self.refiner(**refiner_arguments, image=latents, denoising_start=self.refiner_switch).images
+        return pictures_of(self.refiner(**refiner_arguments, image=latents, denoising_start=self.refiner_switch))
 
     def _activate_loras(self, weights: dict[str, float]) -> None:
         """Switch adapters on the shared modules; the base weights stay loaded and untouched."""

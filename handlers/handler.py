@@ -25,6 +25,7 @@ from handlers.pipelines import (
     resolve_dtype,
     resolve_reference,
     select_device,
+    ships_safety_checker,
 )
 from handlers.request import (
     Adapters,
@@ -54,7 +55,8 @@ class DiffusersHandler(BaseHandler):
         combine = resolve_batching(self.config.batching, self.device)
         allow_pickle = self.config.allow_pickle_weights
         logger.info("loading %s on %s as %s (combined batches: %s)", pipeline_dir, self.device, dtype, combine)
-        self.pipeline = load_pipeline(pipeline_dir, dtype, allow_pickle, self.config.variant)
+        without = {} if self.config.safety_checker or not ships_safety_checker(pipeline_dir) else {"safety_checker": None}
+        self.pipeline = load_pipeline(pipeline_dir, dtype, allow_pickle, self.config.variant, **without)
         load_loras(self.pipeline, self.config.loras, pipeline_dir, allow_pickle)
         controlnets = load_controlnets(self.config.controlnets, pipeline_dir, dtype, allow_pickle)
         refiner = None
@@ -197,9 +199,12 @@ class DiffusersHandler(BaseHandler):
                 self.context.set_response_content_type(index, JSON)
                 responses.append(outcome.to_json())
                 continue
-            request, _, (body, content_type) = outcome
+            request, generated, (body, content_type) = outcome
             self.context.set_response_content_type(index, content_type)
             self.context.set_response_header(index, "X-Seed", str(request.seed))
+            if generated.nsfw_flags is not None:  # one flag per image, in order: the only word a raw image can carry
+                flags = ",".join(str(flag).lower() for flag in generated.nsfw_flags)
+                self.context.set_response_header(index, "X-NSFW-Content-Detected", flags)
             responses.append(body)
         return responses
 
@@ -210,9 +215,11 @@ class DiffusersHandler(BaseHandler):
         request, generated = outcome
         try:
             if request.stream:
-                encoded = stream_result(request, generated.images)
+                encoded = stream_result(request, generated.images, generated.nsfw_flags)
             else:
-                encoded = encode_response(request, generated.images, enveloped=self.enveloped)
+                encoded = encode_response(
+                    request, generated.images, enveloped=self.enveloped, nsfw_flags=generated.nsfw_flags
+                )
         except Exception:  # noqa: BLE001 - one answer that fails to encode must not fail its batch-mates
             logger.exception("encoding the answer to request %s failed", self._request_id(index))
             return InternalError("the server failed to encode the images; the worker log has the details")

@@ -53,6 +53,11 @@ def load_pipeline(
     return pipeline
 
 
+def ships_safety_checker(pipeline_dir: Path) -> bool:
+    index = json.loads((pipeline_dir / "model_index.json").read_text())
+    return (index.get("safety_checker") or [None])[0] is not None
+
+
 def resolve_reference(reference: str, pipeline_dir: Path, setting: str) -> Path:
     """A `handler:` setting's path, which must lead to something inside the archive.
 

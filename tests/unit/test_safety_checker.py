@@ -1,0 +1,113 @@
+"""SD 1.x/2.x ship a safety checker: its flags reach the client, and only a flagged image is replaced.
+
+The checker here is diffusers' StableDiffusionSafetyChecker at a tiny size with random weights. Its
+rule is a threshold per concept on the cosine distance between an image's embedding and the
+concept's; the test sets the threshold between the distances of two generated images, so exactly
+one of them is flagged.
+"""
+
+import base64
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker, cosine_distance
+from PIL import Image
+from transformers import CLIPConfig, CLIPImageProcessor
+
+from archiver.tiny import build_tiny_pipeline
+from tests.unit.helpers import pixels, run_json, serve
+
+REQUEST = {"prompt": "a red square", "seed": 5, "num_images_per_prompt": 2, "output_format": "json"}
+NEVER = 1e3  # a threshold no cosine distance reaches
+
+
+def tiny_checker() -> StableDiffusionSafetyChecker:
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2,
+                       "image_size": 32, "patch_size": 4},
+        projection_dim=32,
+    )
+    checker = StableDiffusionSafetyChecker(config).eval()
+    checker.concept_embeds.data.normal_()
+    checker.special_care_embeds.data.normal_()
+    checker.concept_embeds_weights.data.fill_(NEVER)
+    checker.special_care_embeds_weights.data.fill_(NEVER)
+    return checker
+
+
+def save_with_checker(pipeline_dir, checker) -> None:
+    pipeline = build_tiny_pipeline(pipeline_dir.parent / "work")
+    pipeline.register_modules(
+        safety_checker=checker, feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)
+    )
+    pipeline.register_to_config(requires_safety_checker=True)
+    pipeline.save_pretrained(pipeline_dir, safe_serialization=True)
+
+
+def concept_distances(pipeline, images: list[Image.Image]) -> list[float]:
+    """The checker's own distance of each image to concept 0, as it computes it."""
+    checker = pipeline.safety_checker
+    inputs = pipeline.feature_extractor(images, return_tensors="pt")
+    with torch.no_grad():
+        embeds = checker.visual_projection(checker.vision_model(inputs.pixel_values)[1])
+        return cosine_distance(embeds, checker.concept_embeds)[:, 0].tolist()
+
+
+def decoded(document: dict) -> list[np.ndarray]:
+    return [pixels(base64.b64decode(image)) for image in document["images"]]
+
+
+@pytest.fixture(scope="module")
+def checked_dir(tmp_path_factory):
+    pipeline_dir = tmp_path_factory.mktemp("checked") / "pipeline"
+    save_with_checker(pipeline_dir, tiny_checker())
+    return pipeline_dir
+
+
+def test_nothing_flagged_is_reported_as_such(checked_dir):
+    handler, context = serve(checked_dir)
+    [body] = run_json(handler, context, REQUEST)
+    document = json.loads(body)
+    assert document["nsfw_content_detected"] == [False, False]
+    assert all(image.max() > 0 for image in decoded(document))
+    [single] = run_json(handler, context, {**REQUEST, "num_images_per_prompt": 1, "output_format": "png"})
+    assert context.get_response_headers(0)["X-NSFW-Content-Detected"] == "false"
+    assert pixels(single).max() > 0
+
+
+def test_only_the_flagged_image_is_replaced_and_the_flags_say_which(checked_dir):
+    handler, context = serve(checked_dir)
+    [clean_body] = run_json(handler, context, REQUEST)
+    clean = decoded(json.loads(clean_body))
+    distances = concept_distances(handler.pipeline, [Image.fromarray(image.astype(np.uint8)) for image in clean])
+    assert abs(distances[0] - distances[1]) > 0.01, distances  # the checker rounds its scores to 3 places
+    handler.pipeline.safety_checker.concept_embeds_weights.data[0] = sum(distances) / 2
+    flagged_index = int(np.argmax(distances))
+
+    [body] = run_json(handler, context, REQUEST)
+    document = json.loads(body)
+    expected = [index == flagged_index for index in range(2)]
+    assert document["nsfw_content_detected"] == expected
+    images = decoded(document)
+    assert images[flagged_index].max() == 0  # the checker's black image
+    assert np.array_equal(images[1 - flagged_index], clean[1 - flagged_index])  # its neighbour untouched
+    assert context.get_response_headers(0)["X-NSFW-Content-Detected"] == ",".join(str(flag).lower() for flag in expected)
+
+
+def test_the_checker_can_be_turned_off(checked_dir):
+    handler, context = serve(checked_dir, safety_checker=False)
+    assert handler.pipeline.safety_checker is None
+    [body] = run_json(handler, context, REQUEST)
+    document = json.loads(body)
+    assert "nsfw_content_detected" not in document
+    assert "X-NSFW-Content-Detected" not in context.get_response_headers(0)
+
+
+def test_a_pipeline_without_a_checker_reports_no_flags(tiny_pipeline_dir):
+    handler, context = serve(tiny_pipeline_dir)
+    [body] = run_json(handler, context, REQUEST)
+    assert "nsfw_content_detected" not in json.loads(body)
