@@ -1,16 +1,21 @@
 """What ships beyond one machine: the container's TorchServe config serves a .mar, the Dockerfiles
-copy what exists, and the KServe manifests match the KServe config. (No image is built here: this
-machine has no Docker daemon and no registry.)"""
+copy what exists, and the files agree with each other and with their base images. (No image is
+built here: this machine has no registry to pull the bases from.)"""
 
 import json
 import re
+import sys
 
 import pytest
 import requests
 import yaml
 
+from archiver.build import ServingConfig
 from archiver.server import REPO_ROOT, TorchServe
 from tests.integration.conftest import TINY, read_properties
+
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+from client import INFERENCE_PORT  # noqa: E402 - scripts/ is not a package
 
 DOCKER_CONFIG = REPO_ROOT / "docker" / "config.properties"
 SECURE_SETTINGS = (
@@ -74,3 +79,107 @@ def test_kserve_manifests_use_torchserve_with_their_protocol(protocol):
     snapshot = json.loads(read_properties(REPO_ROOT / "kserve" / "config.properties")["model_snapshot"])
     assert list(snapshot["models"]) == ["stable_diffusion"]
     assert snapshot["models"]["stable_diffusion"]["1.0"]["batchSize"] == 1
+
+
+# python3 of each base image's distribution: Debian 12 ships 3.11, Ubuntu 24.04 3.12.
+DISTRIBUTION_PYTHON = {"debian:bookworm": (3, 11), "ubuntu24.04": (3, 12)}
+DOCKERFILES = ["docker/Dockerfile", "kserve/Dockerfile"]
+
+
+def base_images(dockerfile: str) -> list[str]:
+    """The default base, and the ones the header's documented build commands swap in."""
+    text = (REPO_ROOT / dockerfile).read_text()
+    return re.findall(r"^ARG BASE_IMAGE=(\S+)", text, re.M) + re.findall(r"--build-arg BASE_IMAGE=(\S+)", text)
+
+
+def required_python() -> tuple[int, ...]:
+    floor = re.search(r'requires-python = ">=(\d+)\.(\d+)"', (REPO_ROOT / "pyproject.toml").read_text())
+    return int(floor[1]), int(floor[2])
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_every_base_image_brings_a_python_the_package_installs_on(dockerfile):
+    bases = base_images(dockerfile)
+    assert bases
+    for base in bases:
+        assert "torchserve-kfs" not in base  # its published images run Python 3.9 (pytorch/serve#3374)
+        [python] = [version for name, version in DISTRIBUTION_PYTHON.items() if name in base]
+        assert python >= required_python() >= (3, 10), base
+    assert "python3 python3-venv" in (REPO_ROOT / dockerfile).read_text()  # the distribution's Python, not another
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_uid_1000_is_freed_before_the_server_user_takes_it(dockerfile):
+    text = (REPO_ROOT / dockerfile).read_text()
+    freeing = text.index('userdel --remove "$(getent passwd 1000 | cut -d: -f1)"')
+    assert "if getent passwd 1000 >/dev/null; then" in text
+    assert freeing < text.index("useradd --create-home --uid 1000 model-server")
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_pid_1_is_an_init_that_signals_the_whole_process_group(dockerfile):
+    steps = dockerfile_steps(REPO_ROOT / dockerfile)
+    [entrypoint] = [json.loads(argument) for instruction, argument in steps if instruction == "ENTRYPOINT"]
+    assert entrypoint[:3] == ["tini", "-g", "--"]
+    assert re.search(r"apt-get install .*\btini\b", (REPO_ROOT / dockerfile).read_text())
+
+
+def port(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
+
+
+def test_the_container_exposes_what_its_config_binds_and_probes_it_with_the_shipped_script():
+    steps = dockerfile_steps(REPO_ROOT / "docker" / "Dockerfile")
+    config = read_properties(DOCKER_CONFIG)
+    bound = {port(config[key]) for key in ("inference_address", "management_address", "metrics_address")}
+    [exposed] = [argument for instruction, argument in steps if instruction == "EXPOSE"]
+    assert {int(value) for value in exposed.split()} == bound
+    [healthcheck] = [argument for instruction, argument in steps if instruction == "HEALTHCHECK"]
+    probe = json.loads(healthcheck.split("CMD", 1)[1])
+    script = probe[1]
+    copied = [argument.split() for instruction, argument in steps if instruction == "COPY" and "scripts/manage.py" in argument]
+    assert copied and all(script.startswith(sources[-1]) for sources in copied)
+    assert {"scripts/manage.py", "scripts/client.py"} <= {source for sources in copied for source in sources[:-1]}
+    [workdir] = [argument for instruction, argument in steps if instruction == "WORKDIR"]
+    assert probe[probe.index("--key-file") + 1] == f"{workdir}/key_file.json"  # TorchServe writes it in its cwd
+    # manage.py health calls /ping on its default inference URL: the port the config binds.
+    assert INFERENCE_PORT == port(config["inference_address"])
+
+
+def test_the_kserve_probe_readme_gives_calls_the_port_its_config_binds():
+    text = (REPO_ROOT / "README.md").read_text()
+    [url] = re.findall(r"scripts/manage.py health --inference-url (http://\S+)`", text.replace("\n", " "))
+    assert port(url) == port(read_properties(REPO_ROOT / "kserve" / "config.properties")["inference_address"])
+    copies = [argument for instruction, argument in dockerfile_steps(REPO_ROOT / "kserve" / "Dockerfile") if instruction == "COPY"]
+    assert "scripts/manage.py scripts/client.py /home/model-server/scripts/" in copies
+
+
+@pytest.mark.parametrize("protocol, config, envelope", [("v1", "config-v1.properties", "kserve"),
+                                                         ("v2", "config.properties", "kservev2")])
+def test_each_kserve_manifest_has_a_shipped_config_with_its_envelope(protocol, config, envelope):
+    manifest_text = (REPO_ROOT / "kserve" / f"inferenceservice-{protocol}.yaml").read_text()
+    assert f"a copy of kserve/{config}" in manifest_text
+    assert yaml.safe_load(manifest_text)["spec"]["predictor"]["model"]["protocolVersion"] == protocol
+    assert read_properties(REPO_ROOT / "kserve" / config)["service_envelope"] == envelope
+    # The two configs are one file but for the envelope: nothing else may drift between them.
+    v1, v2 = (read_properties(REPO_ROOT / "kserve" / name) for name in ("config-v1.properties", "config.properties"))
+    assert {key: value for key, value in v1.items() if key != "service_envelope"} == {
+        key: value for key, value in v2.items() if key != "service_envelope"
+    }
+
+
+@pytest.mark.parametrize("protocol", ["v1", "v2"])
+def test_the_kserve_wrapper_waits_as_long_as_an_archive_may_take_to_start(protocol):
+    manifest = yaml.safe_load((REPO_ROOT / "kserve" / f"inferenceservice-{protocol}.yaml").read_text())
+    env = {item["name"]: int(item["value"]) for item in manifest["spec"]["predictor"]["model"]["env"]}
+    # TorchServe's wrapper (TorchserveModel.load): MODEL_LOAD_MAX_TRY tries, MODEL_LOAD_DELAY s apart.
+    assert env["MODEL_LOAD_MAX_TRY"] * env["MODEL_LOAD_DELAY"] >= ServingConfig.startup_timeout_s
+
+
+def test_the_kserve_image_runs_the_command_kserve_passes_then_the_wrapper():
+    script = (REPO_ROOT / "kserve" / "entrypoint.sh").read_text()
+    assert '\n"$@"\nexec python /home/model-server/kserve_wrapper/__main__.py\n' in script
+    dockerfile = (REPO_ROOT / "kserve" / "Dockerfile").read_text()
+    assert "ARG TORCHSERVE_TAG=v0.12.0" in dockerfile and '"torchserve==0.12.0"' in (REPO_ROOT / "pyproject.toml").read_text()
+    for wrapper_file in ("__main__.py", "TorchserveModel.py", "TSModelRepository.py", "gprc_utils.py"):
+        assert f"kserve_wrapper/{wrapper_file}" in dockerfile
