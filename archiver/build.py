@@ -1,6 +1,7 @@
 """Stage a pipeline, its handler code and a model-config.yaml, then pack them with torch-model-archiver."""
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -56,7 +57,7 @@ def build_archive(
     export_path: Path,
     serving: ServingConfig,
     workdir: Path,
-    archive_format: str = "default",
+    archive_format: str = "zip-store",
     version: str = "1.0",
     allow_pickle_weights: bool = False,
     extras: dict[str, Path] | None = None,
@@ -159,8 +160,17 @@ def copy_pipeline(source: Path, target: Path, allow_pickle_weights: bool) -> Non
         path = source / relative
         destination = target / relative
         destination.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, destination)  # a link's target, never the link: the archive holds no links
-        print(f"  copying {relative} ({human_size(path.stat().st_size)})")
+        stage_file(path.resolve(), destination)  # a link's target, never the link: the archive holds no links
+        print(f"  staging {relative} ({human_size(path.stat().st_size)})")
+
+
+def stage_file(source: Path, destination: Path) -> None:
+    """A hard link where the file system allows one: gigabytes of weights are then written once, into
+    the archive, instead of twice. torch-model-archiver reads the staged files and never writes them."""
+    try:
+        os.link(source, destination)
+    except OSError:  # another file system, or a file this user may not link (fs.protected_hardlinks)
+        shutil.copyfile(source, destination)
 
 
 def copy_handler_package(target: Path) -> None:

@@ -43,8 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--model-name", default="stable_diffusion", help="archive and model name (default: %(default)s)")
     build.add_argument("--export-path", type=Path, default=Path("model-store"),
                        help="where the archive goes (default: ./model-store)")
-    build.add_argument("--archive-format", choices=("default", "no-archive"), default="default",
-                       help="default: one .mar zip; no-archive: a directory, instant to start (default: %(default)s)")
+    build.add_argument(
+        "--archive-format", choices=("zip-store", "default", "no-archive"), default="zip-store",
+        help="zip-store: one .mar, stored without compression (weights do not compress, so deflating them "
+        "only costs time, at every build and every start); default: torch-model-archiver's deflated .mar; "
+        "no-archive: a directory, nothing to unpack at start-up (default: %(default)s)",
+    )
     build.add_argument("--version", default="1.0")
     build.add_argument("--revision", help="hub revision (branch, tag or commit) to download")
     build.add_argument("--variant", help="the weights variant to fetch and load, as diffusers names it (fp16: half "

@@ -136,6 +136,12 @@ class HandlerConfig(GenerationDefaults, Limits):
     torch_compile: bool = Field(
         False, description="compile the UNet or transformer; slower start (warmed up in initialize), faster steps"
     )
+    warm_up: bool = Field(
+        True,
+        description="one short generation at the default size inside initialize, so that the first request "
+        "costs what a warm one does (its kernels, caches and weight pages are ready); false: READY sooner, and "
+        "the first request pays instead. Compiled models always warm up",
+    )
     compile_regions: bool = Field(
         False,
         description="with torch_compile, compile only the denoiser's repeated blocks (diffusers' regional "

@@ -80,8 +80,7 @@ class DiffusersHandler(BaseHandler):
         )
         if self.config.torch_compile:
             compile_denoiser(self.pipeline, self.config)
-        if self.config.torch_compile or self.device.type == "cuda":
-            # A GPU's first call also loads kernels and picks convolution algorithms: about a second.
+        if self.config.warm_up or self.config.torch_compile:
             self.warm_up()
         self.metrics = GenerationMetrics(context.metrics, context.model_name)
         # The envelope JSON-encodes whatever the handler returns: answers must be JSON values, not bytes.

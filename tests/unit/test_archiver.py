@@ -13,6 +13,7 @@ import yaml
 from archiver import build as archiver_build
 from archiver.build import REPO_ROOT, built_from
 from archiver.cli import main, read_properties
+from archiver.server import free_port
 from handlers.config import Limits
 from tests.conftest import plant_hostile_files
 
@@ -24,11 +25,13 @@ def build(tmp_path, *options):
 def test_archive_holds_pipeline_handler_package_and_model_config(tmp_path, tiny_pipeline_dir, capsys):
     assert build(tmp_path, "--source", str(tiny_pipeline_dir), "--model-name", "m", "--batch-size", "4", "--height", "64") == 0
     output = capsys.readouterr().out
-    assert "copying unet/diffusion_pytorch_model.safetensors" in output
+    assert "staging unet/diffusion_pytorch_model.safetensors" in output
     assert f"built {tmp_path / 'store' / 'm.mar'}" in output
     with zipfile.ZipFile(tmp_path / "store" / "m.mar") as archive:
         names = set(archive.namelist())
         config = yaml.safe_load(archive.read("model-config.yaml"))
+        # zip-store by default: weights do not compress, so nothing is deflated at build or inflated at start.
+        assert {info.compress_type for info in archive.infolist()} == {zipfile.ZIP_STORED}
     assert {"model_index.json", "handler.py", "handlers/request.py", "handlers/metrics.yaml", "MAR-INF/MANIFEST.json"} <= names
     assert config["minWorkers"] == config["maxWorkers"] == 1
     assert config["batchSize"] == 4
@@ -43,6 +46,11 @@ def test_archive_holds_pipeline_handler_package_and_model_config(tmp_path, tiny_
 def test_no_archive_format_writes_a_directory(tmp_path, tiny_pipeline_dir):
     assert build(tmp_path, "--source", str(tiny_pipeline_dir), "--model-name", "d", "--archive-format", "no-archive") == 0
     assert (tmp_path / "store" / "d" / "model_index.json").is_file()
+    # Staging hard-links the source's files; the archive's own are copies, so nothing done to one reaches the other.
+    source = tiny_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors"
+    packed = tmp_path / "store" / "d" / "unet" / "diffusion_pytorch_model.safetensors"
+    assert packed.read_bytes() == source.read_bytes()
+    assert not packed.samefile(source) and source.stat().st_nlink == 1
     assert (tmp_path / "store" / "d" / "handlers" / "handler.py").is_file()
 
 
@@ -74,10 +82,12 @@ def test_unreachable_hub_gives_a_clear_message(tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        # Nothing cached, and nothing listens at the endpoint: every request is refused at once.
+        env={**{key: value for key, value in os.environ.items() if not key.startswith("HF_")},
+             "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"},
     )
     assert result.returncode == 2
-    assert "could not download 'someone/some-model'" in result.stderr  # errors go to stderr
+    assert "could not fetch 'someone/some-model'" in result.stderr  # errors go to stderr
     assert "pass the local directory as --source" in result.stderr
 
 
@@ -228,13 +238,13 @@ def test_only_a_hub_id_form_goes_to_the_hub(tmp_path, capsys, source):
     assert main(["build", "--source", source, "--export-path", str(tmp_path)]) == 2
     error = capsys.readouterr().err
     assert "is neither a local directory (none exists there) nor a Hugging Face Hub id of the form owner/name" in error
-    assert "could not download" not in error
+    assert "could not fetch" not in error
 
 
 def test_a_hub_id_form_is_sent_to_the_hub(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub is unreachable here: the attempt is what is checked
     assert main(["build", "--source", "owner/some-model.v1", "--export-path", str(tmp_path)]) == 2
-    assert "could not download 'owner/some-model.v1'" in capsys.readouterr().err
+    assert "could not fetch 'owner/some-model.v1'" in capsys.readouterr().err
 
 
 def test_packing_reports_its_progress(tmp_path, tiny_pipeline_dir, capsys, monkeypatch):

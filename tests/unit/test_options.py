@@ -113,9 +113,14 @@ def test_sequential_cpu_offload_moves_layers_as_they_run(tiny_pipeline_dir):
     assert generates(served)
 
 
-def test_an_eager_cpu_worker_starts_without_a_warm_up_generation(tiny_pipeline_dir, caplog):
+def test_a_worker_warms_up_in_initialize_unless_told_not_to(tiny_pipeline_dir, caplog):
     with caplog.at_level("INFO", logger="handlers.handler"):
-        serve(tiny_pipeline_dir)
+        served = serve(tiny_pipeline_dir)
+    assert "warm-up generation took" in caplog.text
+    assert generates(served)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="handlers.handler"):
+        serve(tiny_pipeline_dir, warm_up=False)
     assert "warm-up generation took" not in caplog.text
 
 
