@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 from model_archiver.model_archiver_config import ModelArchiverConfig
-from model_archiver.model_packaging import generate_model_archive
+from model_archiver.model_packaging_utils import ModelExportUtils
 
 import handlers
 from archiver.contents import PIPELINE_INDEX, select_component_files, select_pipeline_files
@@ -20,6 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout, for its scri
 HANDLER_PACKAGE = Path(handlers.__file__).resolve().parent  # from the checkout or an installed wheel
 HANDLER_ENTRY = HANDLER_PACKAGE / "handler.py"
 PROVENANCE = "built-from.json"  # at the archive root: the source the archive was built from
+MODEL_CONFIG = "model-config.yaml"
 PROGRESS_INTERVAL_S = 10.0
 
 
@@ -68,40 +69,51 @@ def build_archive(
     extras are more directories (refiner, ControlNets, LoRAs), staged at the given relative paths.
     source, where given, is recorded in the archive (PROVENANCE), so that a later build can tell
     whether it would replace an archive of another model.
-    """
-    staged_pipeline = workdir / "stage-pipeline"
-    staged_code = workdir / "stage-code"
-    copy_pipeline(pipeline_dir, staged_pipeline, allow_pickle_weights)
-    for relative, extra_dir in (extras or {}).items():
-        print(f"adding {relative}/")
-        copy_pipeline(extra_dir, staged_pipeline / relative, allow_pickle_weights)
-    copy_handler_package(staged_code / HANDLER_PACKAGE.name)
-    if source is not None:
-        (staged_code / PROVENANCE).write_text(json.dumps({"source": source}), encoding="utf-8")
-    config_file = workdir / "model-config.yaml"
-    config_file.write_text(serving.to_yaml(), encoding="utf-8")
 
+    Everything is staged in one directory laid out as the archive is, and torch-model-archiver
+    packs that directory: its command line would copy every file into a directory of its own first,
+    which for gigabytes of weights is one more full write. A zip is staged with hard links and
+    written once; a no-archive directory is staged in place, with copies, so that it shares no file
+    with its source.
+    """
     export_path.mkdir(parents=True, exist_ok=True)
     result = archive_path(export_path, model_name, archive_format)
-    staged_bytes = tree_size(staged_pipeline) + tree_size(staged_code)
-    print(f"packing {human_size(staged_bytes)} with torch-model-archiver ({archive_format} format) into {export_path}")
-    with PackingProgress(result, staged_bytes):
-        generate_model_archive(
-            ModelArchiverConfig(
-                model_name=model_name,
-                handler=str(HANDLER_ENTRY),
-                version=version,
-                # A directory given as an extra file has its contents copied to the archive root,
-                # so the pipeline needs no inner zip and `handlers/` stays importable there.
-                extra_files=f"{staged_pipeline},{staged_code}",
-                export_path=str(export_path),
-                archive_format=archive_format,
-                force=True,
-                config_file=str(config_file),
-            )
-        )
+    in_place = archive_format == "no-archive"
+    stage = result if in_place else workdir / "stage"
+    if in_place and result.exists():
+        shutil.rmtree(result)
+    try:
+        stage_archive(stage, pipeline_dir, serving, allow_pickle_weights, extras or {}, source, link=not in_place)
+        manifest = ModelExportUtils.generate_manifest_json(ModelArchiverConfig(
+            model_name=model_name, handler=str(HANDLER_ENTRY), version=version, export_path=str(export_path),
+            archive_format=archive_format, force=True, config_file=str(stage / MODEL_CONFIG),
+        ))
+        staged_bytes = tree_size(stage)
+        print(f"packing {human_size(staged_bytes)} with torch-model-archiver ({archive_format} format) into {export_path}")
+        with PackingProgress(result, staged_bytes):
+            ModelExportUtils.archive(str(export_path), model_name, str(stage), manifest, archive_format)
+    except BaseException:
+        if in_place:
+            shutil.rmtree(result, ignore_errors=True)
+        raise
     print(f"built {result} ({human_size(tree_size(result))})")
     return result
+
+
+def stage_archive(
+    stage: Path, pipeline_dir: Path, serving: ServingConfig, allow_pickle_weights: bool, extras: dict[str, Path],
+    source: str | None, link: bool,
+) -> None:
+    """The archive's files: the pipeline's at the root (extras below it), our handler, model-config.yaml."""
+    copy_pipeline(pipeline_dir, stage, allow_pickle_weights, link)
+    for relative, extra_dir in extras.items():
+        print(f"adding {relative}/")
+        copy_pipeline(extra_dir, stage / relative, allow_pickle_weights, link)
+    copy_handler_package(stage / HANDLER_PACKAGE.name)
+    shutil.copyfile(HANDLER_ENTRY, stage / HANDLER_ENTRY.name)  # the entry TorchServe's manifest names
+    if source is not None:
+        (stage / PROVENANCE).write_text(json.dumps({"source": source}), encoding="utf-8")
+    (stage / MODEL_CONFIG).write_text(serving.to_yaml(), encoding="utf-8")
 
 
 class PackingProgress:
@@ -148,7 +160,7 @@ def built_from(archive: Path) -> str | None:
         return None
 
 
-def copy_pipeline(source: Path, target: Path, allow_pickle_weights: bool) -> None:
+def copy_pipeline(source: Path, target: Path, allow_pickle_weights: bool, link: bool = False) -> None:
     """Copy what the pipeline (or a single model folder) is made of, and say what was left out and why."""
     if (source / PIPELINE_INDEX).is_file():
         selection = select_pipeline_files(source, allow_pickle_weights)
@@ -160,17 +172,19 @@ def copy_pipeline(source: Path, target: Path, allow_pickle_weights: bool) -> Non
         path = source / relative
         destination = target / relative
         destination.parent.mkdir(parents=True, exist_ok=True)
-        stage_file(path.resolve(), destination)  # a link's target, never the link: the archive holds no links
+        stage_file(path.resolve(), destination, link)  # a link's target, never the link: the archive holds no links
         print(f"  staging {relative} ({human_size(path.stat().st_size)})")
 
 
-def stage_file(source: Path, destination: Path) -> None:
-    """A hard link where the file system allows one: gigabytes of weights are then written once, into
-    the archive, instead of twice. torch-model-archiver reads the staged files and never writes them."""
-    try:
-        os.link(source, destination)
-    except OSError:  # another file system, or a file this user may not link (fs.protected_hardlinks)
-        shutil.copyfile(source, destination)
+def stage_file(source: Path, destination: Path, link: bool) -> None:
+    """With link, a hard link where the file system allows one: the file is read once, into the zip."""
+    if link:
+        try:
+            os.link(source, destination)
+            return
+        except OSError:  # another file system, or a file this user may not link (fs.protected_hardlinks)
+            pass
+    shutil.copyfile(source, destination)
 
 
 def copy_handler_package(target: Path) -> None:

@@ -97,7 +97,7 @@ class DiffusersHandler(BaseHandler):
         """
         start = time.perf_counter()
         before = compile_counts()
-        request = GenerationRequest(**{**self.defaults.model_dump(), "prompt": "warm-up", "num_inference_steps": 2})
+        request = GenerationRequest(**{**self.defaults.model_dump(), "prompt": "warm-up", "num_inference_steps": 1})
         [outcome] = self.generator.generate([request])
         if isinstance(outcome, RequestError):
             raise RuntimeError(f"warm-up generation failed: {outcome.message}")

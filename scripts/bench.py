@@ -9,6 +9,7 @@ results.json, results.csv, results.md and results.png.
   python scripts/bench.py             # larger images, more requests
   python scripts/bench.py --gpu --model sd15 --part ladder   # the GPU plan: see scripts/gpu_bench.py
   python scripts/bench.py --gpu --dry-run                    # the whole GPU plan on the CPU, tiny model
+  python scripts/bench.py --cold-start                       # full-size SD 1.5 on the CPU: build to first image
 """
 
 import argparse
@@ -40,6 +41,7 @@ from archiver.cli import main as archiver_main  # noqa: E402
 from archiver.server import TorchServe  # noqa: E402
 from archiver.tiny import build_tiny_pipeline  # noqa: E402
 import bentoml_bench  # noqa: E402  (beside this script)
+import cold_start_bench  # noqa: E402
 import gpu_bench  # noqa: E402
 from handlers.codecs import encode_response  # noqa: E402
 from handlers.pipelines import load_pipeline  # noqa: E402
@@ -97,8 +99,8 @@ def build_archives(workdir: Path, pipeline_dir: Path, plan: Plan) -> Path:
         "height": plan.size, "width": plan.size, "num_inference_steps": plan.load_steps, "torch_dtype": plan.dtype
     }
     for name, batch_size, archive_format, batching in (
-        ("ours_b1", 1, "default", "auto"),
-        ("ours_b4", 4, "default", "combined"),
+        ("ours_b1", 1, "zip-store", "auto"),
+        ("ours_b4", 4, "zip-store", "combined"),
         ("ours_noarchive", 1, "no-archive", "auto"),
     ):
         serving = ServingConfig(batch_size=batch_size, max_batch_delay_ms=50, handler={**handler_defaults, "batching": batching})
@@ -729,7 +731,10 @@ def main(argv: list[str] | None = None) -> int:
                       help="only ours against BentoML: digits, then tiny SD at 256x256 and 512x512 (about 10 minutes)")
     mode.add_argument("--batch-delay", action="store_true",
                       help="only the maxBatchDelay sweep on serve.sh's archive (a few minutes on 2 CPU cores)")
-    gpu = parser.add_argument_group("--gpu")
+    mode.add_argument("--cold-start", action="store_true",
+                      help="only the full-size cold start on the CPU: SD 1.5 (4 GB), build to first image, each archive "
+                           "format against the pytorch/serve example (about 15 minutes, 12 GB of disk)")
+    gpu = parser.add_argument_group("--gpu and --cold-start")
     gpu.add_argument("--model", choices=sorted(gpu_bench.MODELS), default="sd15")
     gpu.add_argument("--part", choices=gpu_bench.PARTS, action="append",
                      help="repeatable; default: every part (a full-size model needs several commands of 10 minutes)")
@@ -744,6 +749,12 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bentoml.json").write_text(json.dumps(results, indent=2))
         print("\n".join(bentoml_bench.markdown(results)))
+        return 0
+    if args.cold_start:
+        results = in_workdir(lambda workdir: cold_start_bench.measure(workdir, args.models_dir, log))
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "cold-start.json").write_text(json.dumps(results, indent=2))
+        print("\n".join(cold_start_bench.markdown(results)))
         return 0
     if args.batch_delay:
         results = in_workdir(lambda workdir: measure_batch_delay(workdir, count=20))
