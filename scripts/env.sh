@@ -12,14 +12,15 @@ ensure_venv() {
         python3 -m venv "$VENV"
     fi
     # Reinstall only when pyproject.toml or the requested extras change.
-    local stamp="$VENV/.installed-$(cat "$REPO_ROOT/pyproject.toml" | sha256sum | cut -c1-16)${extras:+-$extras}"
+    local stamp="$VENV/.installed-$(cat "$REPO_ROOT/pyproject.toml" "$REPO_ROOT/constraints.txt" | sha256sum | cut -c1-16)${extras:+-$extras}"
     if [ -f "$stamp" ]; then
         return
     fi
     echo "==> installing torch (${TORCH_SPEC:-torch==2.13.0}) and the project into .venv (first run only)"
     "$PYTHON" -m pip install --quiet --upgrade pip
     "$PYTHON" -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
-    "$PYTHON" -m pip install --quiet -e "$REPO_ROOT${extras:+[$extras]}"
+    # constraints.txt pins the tested set, so an install is reproducible; the floors stay in pyproject.toml.
+    "$PYTHON" -m pip install --quiet -c "$REPO_ROOT/constraints.txt" -e "$REPO_ROOT${extras:+[$extras]}"
     touch "$stamp"
 }
 

@@ -97,20 +97,21 @@ def required_python() -> tuple[int, ...]:
     return int(floor[1]), int(floor[2])
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES)
-def test_every_base_image_brings_a_python_the_package_installs_on(dockerfile):
-    bases = base_images(dockerfile)
+def test_every_base_image_brings_a_python_the_package_installs_on():
+    bases = base_images("docker/Dockerfile")
     assert bases
     for base in bases:
-        assert "torchserve-kfs" not in base  # its published images run Python 3.9 (pytorch/serve#3374)
         [python] = [version for name, version in DISTRIBUTION_PYTHON.items() if name in base]
         assert python >= required_python() >= (3, 10), base
-    assert "python3 python3-venv" in (REPO_ROOT / dockerfile).read_text()  # the distribution's Python, not another
+    assert "python3 python3-venv" in (REPO_ROOT / "docker" / "Dockerfile").read_text()  # the distribution's own
+    # The KServe image builds on ours, never on pytorch/torchserve-kfs (Python 3.9, pytorch/serve#3374).
+    kserve_bases = base_images("kserve/Dockerfile")
+    assert kserve_bases and all(base.startswith("torchserve-diffusers:") for base in kserve_bases), kserve_bases
+    assert "-f docker/Dockerfile" in (REPO_ROOT / "kserve" / "Dockerfile").read_text()  # its documented first step
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES)
-def test_uid_1000_is_freed_before_the_server_user_takes_it(dockerfile):
-    text = (REPO_ROOT / dockerfile).read_text()
+def test_uid_1000_is_freed_before_the_server_user_takes_it():
+    text = (REPO_ROOT / "docker" / "Dockerfile").read_text()
     freeing = text.index('userdel --remove "$(getent passwd 1000 | cut -d: -f1)"')
     assert "if getent passwd 1000 >/dev/null; then" in text
     assert freeing < text.index("useradd --create-home --uid 1000 model-server")
@@ -121,7 +122,7 @@ def test_pid_1_is_an_init_that_signals_the_whole_process_group(dockerfile):
     steps = dockerfile_steps(REPO_ROOT / dockerfile)
     [entrypoint] = [json.loads(argument) for instruction, argument in steps if instruction == "ENTRYPOINT"]
     assert entrypoint[:3] == ["tini", "-g", "--"]
-    assert re.search(r"apt-get install .*\btini\b", (REPO_ROOT / dockerfile).read_text())
+    assert re.search(r"apt-get install .*\btini\b", (REPO_ROOT / "docker" / "Dockerfile").read_text())
 
 
 def port(address: str) -> int:
@@ -150,8 +151,11 @@ def test_the_kserve_probe_readme_gives_calls_the_port_its_config_binds():
     text = (REPO_ROOT / "README.md").read_text()
     [url] = re.findall(r"scripts/manage.py health --inference-url (http://\S+)`", text.replace("\n", " "))
     assert port(url) == port(read_properties(REPO_ROOT / "kserve" / "config.properties")["inference_address"])
-    copies = [argument for instruction, argument in dockerfile_steps(REPO_ROOT / "kserve" / "Dockerfile") if instruction == "COPY"]
+    # The KServe image inherits the scripts from ours, and turns off our HEALTHCHECK (port 8080 is the wrapper's there).
+    copies = [argument for instruction, argument in dockerfile_steps(REPO_ROOT / "docker" / "Dockerfile") if instruction == "COPY"]
     assert "scripts/manage.py scripts/client.py /home/model-server/scripts/" in copies
+    kserve_steps = dockerfile_steps(REPO_ROOT / "kserve" / "Dockerfile")
+    assert ("HEALTHCHECK", "NONE") in kserve_steps and ("CMD", "[]") in kserve_steps
 
 
 @pytest.mark.parametrize("protocol, config, envelope", [("v1", "config-v1.properties", "kserve"),
