@@ -49,6 +49,13 @@ def stop_process_group(process: subprocess.Popen) -> list[psutil.Process]:
     return [member for member in family if member.is_running() and member.status() != psutil.STATUS_ZOMBIE]
 
 
+def is_worker(process: psutil.Process) -> bool:
+    try:
+        return any("model_service_worker" in part for part in process.cmdline())
+    except psutil.Error:  # the process ended, or is not ours to read
+        return False
+
+
 class OwnedServer:
     """A server process this code started in its own session, logging to self.log; stop() ends the
     whole process group and fails loudly if anything survives."""
@@ -196,6 +203,17 @@ class TorchServe(OwnedServer):
 
     def processes(self) -> list[psutil.Process]:
         return process_family(self.process)
+
+    def workers(self) -> list[psutil.Process]:
+        """The Python worker processes among the server's."""
+        return [process for process in self.processes() if is_worker(process)]
+
+    def scale(self, name: str, workers: int, timeout_s: float = 600) -> requests.Response:
+        """Set the model's worker count through the management API; answers once the workers are up."""
+        return requests.put(
+            f"{self.management_url}/models/{name}", headers=self.auth("management"),
+            params={"min_worker": workers, "max_worker": workers, "synchronous": "true"}, timeout=timeout_s,
+        )
 
     def __enter__(self) -> "TorchServe":
         return self.start()

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import requests
 from PIL import Image
 import torch
 import yaml
@@ -170,10 +169,7 @@ def start_server(workdir: Path, store: Path, models: dict[str, str], label: str)
 
 def scale_time(server: TorchServe, model: str, workers: int) -> float:
     started = time.perf_counter()
-    response = requests.put(f"{server.management_url}/models/{model}",
-                            params={"min_worker": workers, "max_worker": workers, "synchronous": "true"},
-                            headers=server.auth("management"), timeout=600)
-    response.raise_for_status()
+    server.scale(model, workers).raise_for_status()
     return time.perf_counter() - started
 
 

@@ -21,12 +21,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import psutil
-import requests
 import torch
 
 from archiver.build import REPO_ROOT
 from archiver.sd15 import build_sd15_random_pipeline
 from archiver.server import TorchServe
+from gpu_bench import timed_predict
 
 SIZE, STEPS = 256, 1
 FORMATS = ("zip-store", "no-archive", "default")  # ours: the default first
@@ -92,10 +92,7 @@ def archive_file(store: Path, name: str) -> str:
 
 
 def timed_request(server: TorchServe, name: str, seed: int) -> float:
-    started = time.perf_counter()
-    response = server.predict(name, json={"prompt": "a lighthouse", "seed": seed, "output_format": "png"}, timeout=600)
-    response.raise_for_status()
-    return time.perf_counter() - started
+    return timed_predict(server, name, {"prompt": "a lighthouse", "seed": seed, "output_format": "png"})
 
 
 def serve_once(workdir: Path, store: Path, name: str, requests_too: bool) -> dict:
@@ -112,21 +109,15 @@ def serve_once(workdir: Path, store: Path, name: str, requests_too: bool) -> dic
     return result
 
 
-def worker_processes(server: TorchServe) -> list[psutil.Process]:
-    return [process for process in server.processes() if "model_service_worker" in " ".join(process.cmdline())]
-
-
 def two_workers_memory(workdir: Path, store: Path, name: str) -> dict:
     server = TorchServe(workdir / f"ts-memory-{name}", store, {name: archive_file(store, name)}).start(timeout_s=900)
     try:
         server.predict(name, json={"prompt": "a lighthouse", "output_format": "png"}, timeout=600).raise_for_status()
         used_one = psutil.virtual_memory().used
-        response = requests.put(f"{server.management_url}/models/{name}", headers=server.auth("management"),
-                                params={"min_worker": 2, "max_worker": 2, "synchronous": "true"}, timeout=900)
-        response.raise_for_status()
+        server.scale(name, 2, timeout_s=900).raise_for_status()
         server.predict(name, json={"prompt": "a lighthouse", "output_format": "png"}, timeout=600).raise_for_status()
         used_two = psutil.virtual_memory().used
-        workers = [process.memory_full_info() for process in worker_processes(server)]
+        workers = [process.memory_full_info() for process in server.workers()]
     finally:
         server.stop()
     return {

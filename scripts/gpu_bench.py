@@ -195,7 +195,7 @@ class MemoryPeak:
         if self.run.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.run.device)
             return total - free
-        workers = [process for process in self.server.processes() if is_worker(process)]
+        workers = self.server.workers()
         return max((worker_hwm(process.pid) for process in workers), default=0)
 
     def sample(self) -> None:
@@ -213,13 +213,6 @@ class MemoryPeak:
     @property
     def worker_bytes(self) -> int:
         return self.peak - self.baseline if self.run.device.type == "cuda" else self.peak
-
-
-def is_worker(process) -> bool:
-    try:
-        return any("model_service_worker" in part for part in process.cmdline())
-    except Exception:  # psutil: the process ended or is not ours to read
-        return False
 
 
 def worker_hwm(pid: int) -> int:

@@ -44,7 +44,7 @@ def two_workers(tmp_path_factory):
     build_archive(store, NAME, "--source", "digits", "--min-workers", "2", "--max-workers", "2")
     with TorchServe(tmp_path_factory.mktemp("sharing"), store, {NAME: f"{NAME}.mar"}) as server:
         assert server.predict(NAME, json={"prompt": "digit 1", "output_format": "png"}).status_code == 200
-        workers = [process for process in server.processes() if "model_service_worker" in " ".join(process.cmdline())]
+        workers = server.workers()
         assert len(workers) == 2, [process.cmdline() for process in server.processes()]
         yield server, workers
 

@@ -101,12 +101,7 @@ def test_model_api_is_off_but_scaling_works(server):
     assert register.status_code == 405
 
     def scale(count: int) -> list[dict]:
-        response = requests.put(
-            f"{server.management_url}/models/{TINY}",
-            params={"min_worker": count, "max_worker": count, "synchronous": "true"},
-            headers=headers,
-            timeout=300,
-        )
+        response = server.scale(TINY, count, timeout_s=300)
         assert response.status_code == 200, response.text
         return server.describe(TINY)["workers"]
 
