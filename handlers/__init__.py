@@ -3,11 +3,15 @@
 import logging
 
 
-def _drops_torchvision_fallback_notice(record: logging.LogRecord) -> bool:
-    return "requires torchvision (not installed)" not in record.getMessage()
+# Notices from transformers that concern neither a user nor this code, printed once per process before
+# every CLI's output and in every worker log: that without torchvision it falls back to Pillow (no
+# pipeline served here preprocesses images with it), and, with diffusers 0.40 on transformers 5.6, that
+# diffusers imports an image processor by its old `Fast` name. Installed before diffusers is imported.
+LIBRARY_NOTICES = ("requires torchvision (not installed)", "The `Fast` suffix for image processors has been removed")
 
 
-# transformers tells every process, once per image-processor class, that without torchvision it
-# falls back to Pillow. No pipeline served here preprocesses images with them, so the notice is
-# only noise before every CLI's output and in every worker log. Installed before diffusers is imported.
-logging.getLogger("transformers.utils.import_utils").addFilter(_drops_torchvision_fallback_notice)
+def _drops_library_notices(record: logging.LogRecord) -> bool:
+    return not any(notice in record.getMessage() for notice in LIBRARY_NOTICES)
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_drops_library_notices)
