@@ -25,9 +25,10 @@ from archiver.sources import (
     resolve_refiner,
     resolve_source,
 )
-from handlers.config import Batching, GenerationDefaults, HandlerConfig, OutputFormat, TorchDtype
-from handlers.request import check_defaults_fit
-from handlers.schedulers import SCHEDULERS
+from handlers.core.config import Batching, GenerationDefaults, HandlerConfig, OutputFormat, TorchDtype
+from handlers.core.request import check_defaults_fit
+from handlers.envelopes import answer_bound
+from handlers.core.schedulers import SCHEDULERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         controlnet_sources = parse_assignments(args.controlnet, "--controlnet", as_yaml=False)
         lora_sources = parse_assignments(args.lora, "--lora", as_yaml=False)
         config = HandlerConfig(**handler_section)
-        check_defaults_fit(config.generation_defaults, config.limits, config.service_envelope)
+        check_defaults_fit(config.generation_defaults, config.limits, answer_bound(config.service_envelope))
     except ValueError as error:  # pydantic's ValidationError is one
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -37,14 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from archiver.build import REPO_ROOT, ServingConfig, build_archive  # noqa: E402
 from archiver.cli import main as archiver_main  # noqa: E402
-from archiver.server import TorchServe  # noqa: E402
+from tests.harness.torchserve import TorchServe  # noqa: E402
 from archiver.tiny import build_tiny_pipeline  # noqa: E402
 import bentoml_bench  # noqa: E402  (beside this script)
 import cold_start_bench  # noqa: E402
 import gpu_bench  # noqa: E402
-from handlers.codecs import encode_response  # noqa: E402
-from handlers.pipelines import load_pipeline  # noqa: E402
-from handlers.request import GenerationRequest  # noqa: E402
+from handlers.core.codecs import encode_response  # noqa: E402
+from handlers.core.pipelines import load_pipeline  # noqa: E402
+from handlers.core.request import GenerationRequest  # noqa: E402
 
 BASELINE_HANDLER = REPO_ROOT / "scripts" / "baseline" / "baseline_handler.py"
 PROMPT = "a photo of an astronaut riding a horse on mars"

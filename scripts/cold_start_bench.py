@@ -25,7 +25,7 @@ import torch
 
 from archiver.build import REPO_ROOT
 from archiver.sd15 import build_sd15_random_pipeline
-from archiver.server import TorchServe
+from tests.harness.torchserve import TorchServe
 from gpu_bench import timed_predict
 
 SIZE, STEPS = 256, 1

@@ -34,10 +34,10 @@ import torch
 
 from archiver.build import ServingConfig, build_archive
 from archiver.fullsize import BUILDERS
-from archiver.server import TorchServe
+from tests.harness.torchserve import TorchServe
 from archiver.tiny import build_tiny_pipeline
-from handlers.config import HandlerConfig
-from handlers.pipelines import DTYPES, apply_memory_options, compile_denoiser, load_pipeline
+from handlers.core.config import HandlerConfig
+from handlers.core.pipelines import DTYPES, apply_memory_options, compile_denoiser, load_pipeline
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
 PARTS = ("ladder", "autotune", "served-eager", "served-compiled", "profile")

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from archiver.cli import read_properties  # noqa: F401 - the tests read config files as the archiver does
-from archiver.server import REPO_ROOT, TorchServe
+from tests.harness.torchserve import REPO_ROOT, TorchServe
 
 TINY = "tiny_sd"  # small defaults from its model-config.yaml, for fast tests
 DEFAULTS = "default_sd"  # built-in generation defaults untouched: 7.5 / 50 / 768x768

@@ -9,7 +9,7 @@ from PIL import Image
 
 from archiver.build import REPO_ROOT
 from archiver.cli import main as archiver_main
-from archiver.server import process_family
+from tests.harness.torchserve import process_family
 
 pytest.importorskip("bentoml", reason="BentoML is the benchmark's second baseline: pip install -e '.[bench]'")
 

@@ -11,7 +11,7 @@ import requests
 import yaml
 
 from archiver.build import ServingConfig
-from archiver.server import REPO_ROOT, TorchServe
+from tests.harness.torchserve import REPO_ROOT, TorchServe
 from tests.integration.conftest import TINY, read_properties
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))

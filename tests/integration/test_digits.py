@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from archiver.digits import DigitsOracle
-from archiver.server import TorchServe
+from tests.harness.torchserve import TorchServe
 from tests.integration.conftest import build_archive
 
 DIGITS = "digits"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from archiver.server import REPO_ROOT, TorchServe
+from tests.harness.torchserve import REPO_ROOT, TorchServe
 
 NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "model-store",
                                      "bench-results", "logs", "outputs")

@@ -13,7 +13,7 @@ import pytest
 import requests
 from PIL import Image
 
-from archiver.server import REPO_ROOT, TorchServe
+from tests.harness.torchserve import REPO_ROOT, TorchServe
 from tests.integration.conftest import build_archive, read_properties
 
 KSERVE_CONFIG = REPO_ROOT / "kserve" / "config.properties"

@@ -15,7 +15,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from archiver.server import TorchServe
+from tests.harness.torchserve import TorchServe
 from tests.integration.conftest import build_archive
 
 NAME = "shared"

@@ -18,7 +18,7 @@ import pytest
 import requests
 from PIL import Image
 
-from archiver.server import REPO_ROOT, TorchServe
+from tests.harness.torchserve import REPO_ROOT, TorchServe
 from tests.integration.conftest import b64, bomb, build_archive, png
 
 MODEL = "soak_sd"

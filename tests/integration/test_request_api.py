@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.integration.conftest import TINY
-from archiver.server import REPO_ROOT
+from tests.harness.torchserve import REPO_ROOT
 
 
 def concurrently(server, bodies: list[dict]) -> list:

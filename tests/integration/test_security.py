@@ -11,7 +11,7 @@ import zipfile
 import pytest
 import requests
 
-from archiver.server import REPO_ROOT, TorchServe
+from tests.harness.torchserve import REPO_ROOT, TorchServe
 from tests.conftest import plant_hostile_files
 from tests.integration.conftest import TINY, build_archive
 

@@ -41,7 +41,7 @@ class UNetBatchSizes:
 
     def __init__(self, handler, module=None):
         self.sizes = []
-        self.hook = (module or handler.pipeline.unet).register_forward_pre_hook(self.record)
+        self.hook = (module or handler.service.pipeline.unet).register_forward_pre_hook(self.record)
 
     def record(self, module, args):
         self.sizes.append(args[0].shape[0])

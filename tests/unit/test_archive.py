@@ -6,8 +6,8 @@ import zipfile
 
 import pytest
 
-from handlers.archive import COMPLETE_MARKER, MAX_MEMBERS, locate_pipeline, unpack_once
-from handlers.errors import PipelineNotFound, UnsafeArchive
+from handlers.core.archive import COMPLETE_MARKER, MAX_MEMBERS, locate_pipeline, unpack_once
+from handlers.core.errors import PipelineNotFound, UnsafeArchive
 from handlers.handler import DiffusersHandler
 from tests.conftest import make_context, zip_directory
 

@@ -13,8 +13,8 @@ import yaml
 from archiver import build as archiver_build
 from archiver.build import REPO_ROOT, built_from
 from archiver.cli import main, read_properties
-from archiver.server import free_port
-from handlers.config import Limits
+from tests.harness.torchserve import free_port
+from handlers.core.config import Limits
 from tests.conftest import plant_hostile_files
 
 
@@ -32,7 +32,7 @@ def test_archive_holds_pipeline_handler_package_and_model_config(tmp_path, tiny_
         config = yaml.safe_load(archive.read("model-config.yaml"))
         # zip-store by default: weights do not compress, so nothing is deflated at build or inflated at start.
         assert {info.compress_type for info in archive.infolist()} == {zipfile.ZIP_STORED}
-    assert {"model_index.json", "handler.py", "handlers/request.py", "handlers/metrics.yaml", "MAR-INF/MANIFEST.json"} <= names
+    assert {"model_index.json", "handler.py", "handlers/core/request.py", "handlers/metrics.yaml", "MAR-INF/MANIFEST.json"} <= names
     assert config["minWorkers"] == config["maxWorkers"] == 1
     assert config["batchSize"] == 4
     assert {"maxBatchDelay", "responseTimeout", "startupTimeout"} <= set(config)
@@ -125,7 +125,7 @@ def test_only_what_the_pipeline_is_made_of_is_packed(tmp_path, tiny_pipeline_dir
     assert packed_handler == (REPO_ROOT / "handlers" / "handler.py").read_bytes()  # ours, not the planted one
     assert "allow_pickle_weights" not in packed_config["handler"]
     assert not {"yaml.py", "README.md"} & names
-    assert archive_member_is_ours(tmp_path / "store" / "clean.mar", "handlers/pipelines.py")
+    assert archive_member_is_ours(tmp_path / "store" / "clean.mar", "handlers/core/pipelines.py")
     assert not [name for name in names if name.endswith("evil.py") or ".credentials" in name]
     for left_out, why in (("handler.py", "Python code"), ("yaml.py", "Python code"), ("unet/.credentials", "hidden"),
                           ("tokenizer/tokenization_evil.py", "Python code"), ("README.md", "not model_index.json")):

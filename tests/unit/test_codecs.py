@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from handlers.codecs import answer_size_bound, encode_numpy_json, encode_response, numpy_json
-from handlers.request import GenerationRequest
+from handlers.core.codecs import answer_size_bound, encode_numpy_json, encode_response, numpy_json
+from handlers.envelopes import enveloped_answer, enveloped_answer_size_bound
+from handlers.core.request import GenerationRequest
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 3), (2, 3, 3), (7, 5, 3), (64, 48, 3), (3, 3, 1)])
@@ -45,12 +46,12 @@ def test_the_size_bound_holds_for_the_worst_case_answer(output_format, height, w
 def test_the_size_bound_includes_what_the_envelope_adds(envelope):
     request = GenerationRequest(prompt="a cat", height=64, width=64, seed=0)
     images = [Image.new("RGB", (64, 64), (255, 255, 255))]
-    value, _ = encode_response(request, images, enveloped=True)
+    value = enveloped_answer(request, images, None)
     if envelope == "kserve":
         body = json.dumps({"predictions": [value]}, indent=2)
     else:
         flat = np.asarray(value).flatten().tolist()
         body = json.dumps({"id": "0" * 36, "model_name": "stable_diffusion", "model_version": "1.0",
                            "outputs": [{"name": "prompt", "datatype": "INT64", "data": flat, "shape": [len(flat)]}]}, indent=2)
-    assert len(body) <= answer_size_bound(request, envelope) <= 1.25 * len(body)
-    assert answer_size_bound(request, envelope) > 2.5 * answer_size_bound(request)  # indentation: several times the compact list
+    assert len(body) <= enveloped_answer_size_bound(request, envelope) <= 1.25 * len(body)
+    assert enveloped_answer_size_bound(request, envelope) > 2.5 * answer_size_bound(request)  # indentation: several times the compact list

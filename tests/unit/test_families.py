@@ -33,19 +33,19 @@ def generate(served, **fields) -> np.ndarray:
 
 def test_sdxl_loads_with_two_text_encoders_and_its_refiner(sdxl):
     handler, _ = sdxl
-    assert type(handler.pipeline).__name__ == "StableDiffusionXLPipeline"
-    assert handler.pipeline.text_encoder_2 is not None
-    assert type(handler.generator.refiner).__name__ == "StableDiffusionXLImg2ImgPipeline"
-    assert handler.generator.refiner.text_encoder_2 is handler.pipeline.text_encoder_2  # shared, not a copy
+    assert type(handler.service.pipeline).__name__ == "StableDiffusionXLPipeline"
+    assert handler.service.pipeline.text_encoder_2 is not None
+    assert type(handler.service.generator.refiner).__name__ == "StableDiffusionXLImg2ImgPipeline"
+    assert handler.service.generator.refiner.text_encoder_2 is handler.service.pipeline.text_encoder_2  # shared, not a copy
 
 
 def test_sdxl_refiner_finishes_txt2img_unless_the_request_turns_it_off(sdxl):
     handler, _ = sdxl
-    with UNetBatchSizes(handler) as base_calls, UNetBatchSizes(handler, handler.generator.refiner.unet) as refiner_calls:
+    with UNetBatchSizes(handler) as base_calls, UNetBatchSizes(handler, handler.service.generator.refiner.unet) as refiner_calls:
         refined = generate(sdxl)
     # 4 steps split at 0.8: the base runs the first 3, the refiner the last one.
     assert (len(base_calls), len(refiner_calls)) == (3, 1)
-    with UNetBatchSizes(handler) as base_calls, UNetBatchSizes(handler, handler.generator.refiner.unet) as refiner_calls:
+    with UNetBatchSizes(handler) as base_calls, UNetBatchSizes(handler, handler.service.generator.refiner.unet) as refiner_calls:
         unrefined = generate(sdxl, use_refiner=False)
     assert (len(base_calls), len(refiner_calls)) == (4, 0)
     assert not np.array_equal(refined, unrefined)
@@ -72,7 +72,7 @@ def test_sdxl_tasks(sdxl, fields):
 
 def test_flux_transformer_pipeline(flux):
     handler, _ = flux
-    assert type(handler.pipeline).__name__ == "FluxPipeline"
+    assert type(handler.service.pipeline).__name__ == "FluxPipeline"
     first, again = generate(flux), generate(flux)
     assert np.array_equal(first, again)
     assert not np.array_equal(first, generate(flux, seed=4))
@@ -81,7 +81,7 @@ def test_flux_transformer_pipeline(flux):
 def test_flux_img2img(flux):
     handler, _ = flux
     assert generate(flux, image=png_base64(), strength=0.6).shape == (64, 64, 3)
-    assert type(handler.generator.views.pipeline_for("img2img")).__name__ == "FluxImg2ImgPipeline"
+    assert type(handler.service.generator.views.pipeline_for("img2img")).__name__ == "FluxImg2ImgPipeline"
 
 
 def test_flux_refuses_samplers_it_was_not_trained_for(flux):

@@ -30,10 +30,10 @@ def served_combined(tiny_pipeline_dir):
 def test_initialize_loads_the_pipeline_on_cpu_in_float32(served):
     handler, _ = served
     assert handler.initialized
-    assert handler.device.type == "cpu"
-    assert str(handler.pipeline.unet.dtype) == "torch.float32"
-    assert handler.pipeline._progress_bar_config == {"disable": True}
-    assert handler.generator.combine_requests is False  # auto on CPU
+    assert handler.service.device.type == "cpu"
+    assert str(handler.service.pipeline.unet.dtype) == "torch.float32"
+    assert handler.service.pipeline._progress_bar_config == {"disable": True}
+    assert handler.service.generator.combine_requests is False  # auto on CPU
 
 
 def test_built_in_defaults_apply_when_the_model_config_sets_none(tiny_pipeline_dir):
@@ -165,7 +165,7 @@ class SamplerSteps:
 
 def test_a_scheduler_choice_runs_that_sampler_and_does_not_leak(served, monkeypatch):
     handler, context = served
-    base_scheduler = type(handler.pipeline.scheduler)
+    base_scheduler = type(handler.service.pipeline.scheduler)
     steps = SamplerSteps(monkeypatch, base_scheduler, EulerDiscreteScheduler)
     [default_before] = run_json(handler, context, {"prompt": "a cat", "seed": 3})
     assert steps.classes == [base_scheduler.__name__] * SMALL["num_inference_steps"]
@@ -177,7 +177,7 @@ def test_a_scheduler_choice_runs_that_sampler_and_does_not_leak(served, monkeypa
     assert steps.classes == [base_scheduler.__name__] * SMALL["num_inference_steps"]
     assert euler != default_before
     assert default_after == default_before
-    assert type(handler.pipeline.scheduler) is base_scheduler
+    assert type(handler.service.pipeline.scheduler) is base_scheduler
 
 
 def test_negative_prompt_changes_the_image(served):

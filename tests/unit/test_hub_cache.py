@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from archiver.build import REPO_ROOT
-from archiver.server import free_port
+from tests.harness.torchserve import free_port
 from archiver.tiny import build_tiny_pipeline
 from tests.conftest import make_context
 from tests.unit.helpers import run_json
@@ -84,7 +84,7 @@ def test_a_variant_is_fetched_packed_and_loaded(tmp_path):
     handler = DiffusersHandler()
     context = make_context(archive, config["handler"])
     handler.initialize(context)
-    assert handler.pipeline.unet.dtype.is_floating_point
+    assert handler.service.pipeline.unet.dtype.is_floating_point
     [body] = run_json(handler, context, {"prompt": "a red square", "output_format": "png", "seed": 1})
     assert isinstance(body, bytes) and body.startswith(b"\x89PNG")
 

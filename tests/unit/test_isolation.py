@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-import handlers.handler
+import handlers.core.service
 from tests.unit.helpers import WorkerSocket, decode_numpy_response, png_bytes, run, run_json, serve
 
 GOOD = [{"prompt": f"a cat {index}", "seed": index} for index in range(3)]
@@ -72,7 +72,7 @@ def test_a_library_error_during_generation_fails_only_its_own_request(served, so
     handler, context = served
     bodies = list(GOOD)
     bodies.insert(position, {"prompt": "poison", "seed": 9})
-    with PoisonedTextEncoder(handler.pipeline, "poison", IndexError("index out of range in self")):
+    with PoisonedTextEncoder(handler.service.pipeline, "poison", IndexError("index out of range in self")):
         responses = run_json(handler, context, *bodies)
     assert statuses(context, 4)[position] == 500
     error = json.loads(responses[position])
@@ -110,14 +110,14 @@ def test_a_damaged_png_gets_400_naming_the_field(served, solo, damage):
 
 def test_an_unexpected_error_while_reading_one_request_is_its_own_500(served, solo, monkeypatch):
     handler, context = served
-    real_parse = handlers.handler.parse_request
+    real_parse = handlers.core.service.parse_request
 
-    def parse_or_fail(row, *args, **kwargs):
-        if row == {"body": {"prompt": "unreadable"}}:
+    def parse_or_fail(fields, *args, **kwargs):
+        if fields == {"prompt": "unreadable"}:
             raise KeyError("a bug in some library")
-        return real_parse(row, *args, **kwargs)
+        return real_parse(fields, *args, **kwargs)
 
-    monkeypatch.setattr(handlers.handler, "parse_request", parse_or_fail)
+    monkeypatch.setattr(handlers.core.service, "parse_request", parse_or_fail)
     responses = run_json(handler, context, GOOD[0], {"prompt": "unreadable"}, *GOOD[1:])
     assert statuses(context, 4)[1] == 500
     assert "failed to read" in json.loads(responses[1])["error"]
@@ -126,14 +126,14 @@ def test_an_unexpected_error_while_reading_one_request_is_its_own_500(served, so
 
 def test_an_answer_that_fails_to_encode_is_its_own_500(served, solo, monkeypatch):
     handler, context = served
-    real_encode = handlers.handler.encode_response
+    real_encode = handlers.core.service.encode_response
 
-    def encode_or_fail(request, images, **kwargs):
+    def encode_or_fail(request, images, *args, **kwargs):
         if request.output_format == "webp":
             raise OSError("encoder error -2")
-        return real_encode(request, images, **kwargs)
+        return real_encode(request, images, *args, **kwargs)
 
-    monkeypatch.setattr(handlers.handler, "encode_response", encode_or_fail)
+    monkeypatch.setattr(handlers.core.service, "encode_response", encode_or_fail)
     responses = run_json(handler, context, *GOOD[:2], {"prompt": "a cat", "output_format": "webp"}, GOOD[2])
     assert statuses(context, 4)[2] == 500
     assert "failed to encode" in json.loads(responses[2])["error"]
@@ -146,7 +146,7 @@ def test_a_failing_metric_costs_no_answer(served, solo, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("metrics cache is gone")
 
-    monkeypatch.setattr(handler.metrics, "record_images", broken)
+    monkeypatch.setattr(handler.metrics, "record", broken)
     responses = run_json(handler, context, *GOOD, {"prompt": "a cat", "num_inference_steps": 0})
     assert statuses(context, 4)[3] == 400
     assert_neighbours_untouched(context, responses, 3, solo)

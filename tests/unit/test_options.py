@@ -11,8 +11,8 @@ from diffusers.models.attention_processor import SlicedAttnProcessor
 from torch._dynamo.utils import counters
 
 from archiver.build import REPO_ROOT
-from handlers.config import HandlerConfig
-from handlers.pipelines import apply_memory_options, compile_denoiser, load_pipeline
+from handlers.core.config import HandlerConfig
+from handlers.core.pipelines import apply_memory_options, compile_denoiser, load_pipeline
 from tests.unit.helpers import pixels, run_json, serve, served_family
 
 
@@ -24,16 +24,16 @@ def generates(served) -> bool:
 
 def test_no_option_leaves_the_pipeline_as_loaded(tiny_pipeline_dir):
     handler, _ = served = serve(tiny_pipeline_dir)
-    processors = handler.pipeline.unet.attn_processors.values()
+    processors = handler.service.pipeline.unet.attn_processors.values()
     assert not any(isinstance(processor, SlicedAttnProcessor) for processor in processors)
-    assert not handler.pipeline.vae.use_slicing and not handler.pipeline.vae.use_tiling
-    assert getattr(handler.pipeline.unet, "_hf_hook", None) is None
+    assert not handler.service.pipeline.vae.use_slicing and not handler.service.pipeline.vae.use_tiling
+    assert getattr(handler.service.pipeline.unet, "_hf_hook", None) is None
     assert generates(served)
 
 
 def test_attention_slicing(tiny_pipeline_dir):
     handler, _ = served = serve(tiny_pipeline_dir, attention_slicing="max")
-    processors = [p for p in handler.pipeline.unet.attn_processors.values() if isinstance(p, SlicedAttnProcessor)]
+    processors = [p for p in handler.service.pipeline.unet.attn_processors.values() if isinstance(p, SlicedAttnProcessor)]
     assert processors and all(processor.slice_size == 1 for processor in processors)
     assert generates(served)
 
@@ -41,15 +41,15 @@ def test_attention_slicing(tiny_pipeline_dir):
 @pytest.mark.parametrize("option, flag", [("vae_slicing", "use_slicing"), ("vae_tiling", "use_tiling")])
 def test_vae_slicing_and_tiling(tiny_pipeline_dir, option, flag):
     handler, _ = served = serve(tiny_pipeline_dir, **{option: True})
-    assert getattr(handler.pipeline.vae, flag)
+    assert getattr(handler.service.pipeline.vae, flag)
     assert generates(served)
 
 
 def test_channels_last(tiny_pipeline_dir):
     handler, _ = served = serve(tiny_pipeline_dir, channels_last=True)
-    convolution = handler.pipeline.unet.conv_in.weight
+    convolution = handler.service.pipeline.unet.conv_in.weight
     assert convolution.is_contiguous(memory_format=torch.channels_last) and not convolution.is_contiguous()
-    assert handler.pipeline.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert handler.service.pipeline.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert generates(served)
 
 
@@ -57,7 +57,7 @@ def test_fused_qkv_projections_fuse_the_unet_and_keep_the_image(tiny_pipeline_di
     """(The tiny VAE has no attention to fuse.)"""
     body = {"prompt": "a cat", "output_format": "png", "seed": 3}
     handler, context = serve(tiny_pipeline_dir, fuse_qkv_projections=True)
-    processors = handler.pipeline.unet.attn_processors.values()
+    processors = handler.service.pipeline.unet.attn_processors.values()
     assert {type(processor).__name__ for processor in processors} == {"FusedAttnProcessor2_0"}
     [fused] = run_json(handler, context, body)
     [unfused] = run_json(*serve(tiny_pipeline_dir), body)
@@ -68,7 +68,7 @@ def test_attention_backend_reaches_a_dispatching_transformer(family_archives):
     handler, _ = served = served_family(family_archives["flux"], attention_backend="_native_math")
     backends = {
         getattr(module.processor, "_attention_backend", None)
-        for module in handler.pipeline.transformer.modules() if hasattr(module, "processor")
+        for module in handler.service.pipeline.transformer.modules() if hasattr(module, "processor")
     }
     assert {getattr(backend, "value", backend) for backend in backends} == {"_native_math"}
     assert generates(served)
@@ -97,36 +97,36 @@ def test_model_cpu_offload_installs_cuda_hooks_and_leaves_the_weights_on_the_cpu
 def test_model_cpu_offload_runs_each_model_on_the_gpu_and_puts_it_back(tiny_pipeline_dir):
     handler, _ = served = serve(tiny_pipeline_dir, gpu_id=0, cpu_offload="model")
     seen = []
-    hook = handler.pipeline.unet.register_forward_pre_hook(lambda module, args: seen.append(module.conv_in.weight.device.type))
+    hook = handler.service.pipeline.unet.register_forward_pre_hook(lambda module, args: seen.append(module.conv_in.weight.device.type))
     try:
         assert generates(served)
     finally:
         hook.remove()
     assert set(seen) == {"cuda"}
-    assert handler.pipeline.unet.conv_in.weight.device.type == "cpu"
+    assert handler.service.pipeline.unet.conv_in.weight.device.type == "cpu"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="sequential offload installs CUDA-only hooks; no GPU here")
 def test_sequential_cpu_offload_moves_layers_as_they_run(tiny_pipeline_dir):
     handler, _ = served = serve(tiny_pipeline_dir, gpu_id=0, cpu_offload="sequential")
-    assert type(handler.pipeline.unet._hf_hook).__name__ == "AlignDevicesHook"
+    assert type(handler.service.pipeline.unet._hf_hook).__name__ == "AlignDevicesHook"
     assert generates(served)
 
 
 def test_a_worker_warms_up_in_initialize_unless_told_not_to(tiny_pipeline_dir, caplog):
-    with caplog.at_level("INFO", logger="handlers.handler"):
+    with caplog.at_level("INFO", logger="handlers.core.service"):
         served = serve(tiny_pipeline_dir)
     assert "warm-up generation took" in caplog.text
     assert generates(served)
     caplog.clear()
-    with caplog.at_level("INFO", logger="handlers.handler"):
+    with caplog.at_level("INFO", logger="handlers.core.service"):
         serve(tiny_pipeline_dir, warm_up=False)
     assert "warm-up generation took" not in caplog.text
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA worker's warm-up needs a GPU; none here")
 def test_an_eager_cuda_worker_warms_up_so_the_first_request_is_not_slow(tiny_pipeline_dir, caplog):
-    with caplog.at_level("INFO", logger="handlers.handler"):
+    with caplog.at_level("INFO", logger="handlers.core.service"):
         served = serve(tiny_pipeline_dir, gpu_id=0)
     assert "warm-up generation took" in caplog.text
     assert generates(served)
@@ -141,7 +141,7 @@ def test_cpu_offload_on_a_cpu_worker_is_a_clear_error(tiny_pipeline_dir):
 @pytest.mark.parametrize("name, dtype", [("bfloat16", torch.bfloat16), ("float32", torch.float32)])
 def test_torch_dtype(tiny_pipeline_dir, name, dtype):
     handler, _ = served = serve(tiny_pipeline_dir, torch_dtype=name)
-    assert handler.pipeline.unet.dtype == handler.pipeline.vae.dtype == handler.pipeline.text_encoder.dtype == dtype
+    assert handler.service.pipeline.unet.dtype == handler.service.pipeline.vae.dtype == handler.service.pipeline.text_encoder.dtype == dtype
     assert generates(served)
 
 
@@ -151,7 +151,7 @@ def test_default_scheduler_applies_unless_the_request_names_one(tiny_pipeline_di
     assert json.loads(body)["parameters"]["scheduler"] == "euler"
     [body] = run_json(handler, context, {"prompt": "a cat", "scheduler": "ddim"})
     assert json.loads(body)["parameters"]["scheduler"] == "ddim"
-    view = handler.generator.views.pipeline_for("txt2img", scheduler="euler")
+    view = handler.service.generator.views.pipeline_for("txt2img", scheduler="euler")
     assert type(view.scheduler).__name__ == "EulerDiscreteScheduler"
 
 
@@ -159,7 +159,7 @@ def test_torch_compile_is_warmed_up_in_initialize(tiny_pipeline_dir):
     """Inductor compiles the tiny UNet (about 40 s on 2 cores) during initialize, not in the first request."""
     graphs_before = counters["stats"]["unique_graphs"]
     handler, _ = served = serve(tiny_pipeline_dir, torch_compile=True)
-    assert handler.pipeline.unet._compiled_call_impl is not None
+    assert handler.service.pipeline.unet._compiled_call_impl is not None
     graphs_after_warm_up = counters["stats"]["unique_graphs"]
     assert graphs_after_warm_up > graphs_before
     assert generates(served)
@@ -173,8 +173,8 @@ def test_an_unknown_option_is_refused_with_the_allowed_ones(tiny_pipeline_dir):
 
 def test_options_reach_the_sdxl_refiner_too(family_archives):
     handler, _ = served = served_family(family_archives["sdxl"], vae_slicing=True, attention_slicing="auto")
-    refiner = handler.generator.refiner
-    assert refiner.vae is handler.pipeline.vae and refiner.vae.use_slicing
+    refiner = handler.service.generator.refiner
+    assert refiner.vae is handler.service.pipeline.vae and refiner.vae.use_slicing
     assert any(isinstance(p, SlicedAttnProcessor) for p in refiner.unet.attn_processors.values())
     assert generates(served)
 
@@ -182,7 +182,7 @@ def test_options_reach_the_sdxl_refiner_too(family_archives):
 WORKER = """
 import json, sys
 from handlers.handler import DiffusersHandler
-from handlers.pipelines import compile_counts
+from handlers.core.pipelines import compile_counts
 from tests.conftest import SMALL, make_context
 from tests.unit.helpers import run_json
 handler = DiffusersHandler()

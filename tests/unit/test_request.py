@@ -6,10 +6,11 @@ import math
 import pytest
 from PIL import Image
 
-from handlers.config import GenerationDefaults, Limits, load_handler_config
-from handlers.errors import RequestError
-from handlers.request import MAX_SEED, Adapters, merge_v2_inputs, parse_request
-from handlers.schedulers import SCHEDULERS
+from handlers.core.config import GenerationDefaults, Limits, load_handler_config
+from handlers.core.errors import RequestError
+from handlers.core.request import MAX_SEED, Adapters, parse_request
+from handlers.core.schedulers import SCHEDULERS
+from handlers.envelopes import merge_v2_inputs, read_row
 
 DEFAULTS = GenerationDefaults()
 LIMITS = Limits()
@@ -17,7 +18,8 @@ ADAPTERS = Adapters(loras=("style", "ink"), controlnets=("canny",))
 
 
 def parse(row, body_type=None, accept=None, defaults=DEFAULTS, limits=LIMITS):
-    return parse_request(row, defaults, limits, body_type=body_type, accept=accept, adapters=ADAPTERS)
+    """A TorchServe row, read as the TorchServe adapter reads it, then parsed by the core."""
+    return parse_request(read_row(row, body_type), defaults, limits, accept=accept, adapters=ADAPTERS)
 
 
 def parse_json(fields, **options):

@@ -86,8 +86,8 @@ def test_only_the_flagged_image_is_replaced_and_the_flags_say_which(checked_dir)
     # falls between the two images' similarities to it: the checker flags the first image and only the
     # first. (A tiny random vision model embeds two images nearly alike, so the difference is what
     # separates them.)
-    embeds = image_embeds(handler.pipeline, [Image.fromarray(image.astype(np.uint8)) for image in clean])
-    checker = handler.pipeline.safety_checker
+    embeds = image_embeds(handler.service.pipeline, [Image.fromarray(image.astype(np.uint8)) for image in clean])
+    checker = handler.service.pipeline.safety_checker
     checker.concept_embeds.data[0] = embeds[0] - embeds[1]
     similarities = cosine_distance(embeds, checker.concept_embeds)[:, 0].tolist()
     assert similarities[0] - similarities[1] > 0.01, similarities  # the checker rounds its scores to 3 places
@@ -106,7 +106,7 @@ def test_only_the_flagged_image_is_replaced_and_the_flags_say_which(checked_dir)
 
 def test_the_checker_can_be_turned_off(checked_dir):
     handler, context = serve(checked_dir, safety_checker=False)
-    assert handler.pipeline.safety_checker is None
+    assert handler.service.pipeline.safety_checker is None
     [body] = run_json(handler, context, REQUEST)
     document = json.loads(body)
     assert "nsfw_content_detected" not in document

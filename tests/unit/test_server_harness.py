@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from archiver.server import TorchServe
+from tests.harness.torchserve import TorchServe
 
 KEYS = {kind: {"key": f"{kind}-key"} for kind in ("inference", "management", "API")}
 

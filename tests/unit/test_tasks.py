@@ -76,7 +76,7 @@ def test_inpaint_repaints_only_under_the_white_mask(sd):
     right_half = keep_all.copy()
     right_half.paste(255, (32, 0, 64, 64))
     decoded = []
-    hook = sd[0].pipeline.vae.decoder.register_forward_pre_hook(lambda module, args: decoded.append(args[0]))
+    hook = sd[0].service.pipeline.vae.decoder.register_forward_pre_hook(lambda module, args: decoded.append(args[0]))
     try:
         generate(sd, task="inpaint", image=start, mask_image=image_base64(keep_all))
         generate(sd, task="inpaint", image=start, mask_image=image_base64(right_half))
@@ -110,14 +110,14 @@ def unique_parameter_bytes(*pipelines) -> int:
 
 def test_task_views_share_the_loaded_weights(sd):
     handler, _ = sd
-    views = handler.generator.views
-    base_bytes = unique_parameter_bytes(handler.pipeline)
+    views = handler.service.generator.views
+    base_bytes = unique_parameter_bytes(handler.service.pipeline)
     img2img, inpaint = views.pipeline_for("img2img"), views.pipeline_for("inpaint")
     assert type(img2img).__name__ == "StableDiffusionImg2ImgPipeline"
     assert type(inpaint).__name__ == "StableDiffusionInpaintPipeline"
-    assert img2img.unet is handler.pipeline.unet and inpaint.vae is handler.pipeline.vae
+    assert img2img.unet is handler.service.pipeline.unet and inpaint.vae is handler.service.pipeline.vae
     # Measured: all three pipelines together hold exactly the base pipeline's tensor memory.
-    assert unique_parameter_bytes(handler.pipeline, img2img, inpaint) == base_bytes > 1_000_000
+    assert unique_parameter_bytes(handler.service.pipeline, img2img, inpaint) == base_bytes > 1_000_000
 
 
 def test_controlnet_steers_with_its_conditioning_image(sd):
@@ -139,7 +139,7 @@ def test_controlnet_steers_with_its_conditioning_image(sd):
 def test_controlnet_with_img2img(sd):
     result = generate(sd, image=png_base64(), strength=0.6, controlnet="canny", control_image=png_base64(color=(255, 255, 255)))
     assert result.shape == (64, 64, 3)
-    assert type(sd[0].generator.views.pipeline_for("img2img", "canny")).__name__ == "StableDiffusionControlNetImg2ImgPipeline"
+    assert type(sd[0].service.generator.views.pipeline_for("img2img", "canny")).__name__ == "StableDiffusionControlNetImg2ImgPipeline"
 
 
 def test_lora_adapters_switch_per_request_without_reloading(sd):
@@ -147,7 +147,7 @@ def test_lora_adapters_switch_per_request_without_reloading(sd):
     # The layers the adapters target: peft wraps each, keeping the loaded weight as its base_layer.
     targeted = {
         name: module.base_layer.weight
-        for name, module in handler.pipeline.unet.named_modules()
+        for name, module in handler.service.pipeline.unet.named_modules()
         if hasattr(module, "base_layer") and hasattr(module.base_layer, "weight")
     }
     assert targeted
@@ -161,7 +161,7 @@ def test_lora_adapters_switch_per_request_without_reloading(sd):
     assert np.array_equal(generate(sd, lora="style", lora_weight=0), base)
     assert np.array_equal(generate(sd), base)  # nothing leaks into a request without a LoRA
     assert np.array_equal(generate(sd, lora="style"), style)
-    assert handler.pipeline.get_list_adapters()["unet"] == ["style", "ink"]
+    assert handler.service.pipeline.get_list_adapters()["unet"] == ["style", "ink"]
     for name, weight in targeted.items():  # switching neither reloaded nor merged into the base weights
         pointer, values = loaded[name]
         assert weight.data_ptr() == pointer and torch.equal(weight, values), name
@@ -245,7 +245,7 @@ def test_out_of_memory_retries_in_halves_after_freeing_the_failed_call(sd, error
     # What the halves must give: the same two calls of 2 images, made without running out of memory.
     halves = run_json(handler, context, {**request, "num_images_per_prompt": 2}, {**request, "num_images_per_prompt": 2, "seed": 7})
     expected = [image for body in halves for image in document_pixels(body)]
-    with UNetBatchSizes(handler) as sizes, OutOfMemoryAbove(handler.pipeline.unet, limit=4, error=error) as memory:
+    with UNetBatchSizes(handler) as sizes, OutOfMemoryAbove(handler.service.pipeline.unet, limit=4, error=error) as memory:
         [retried] = run_json(handler, context, request)
     # 4 images with guidance are a UNet batch of 8: refused, then two halves of 2 images succeed.
     assert context.get_response_status(0)[0] == 200
@@ -255,7 +255,7 @@ def test_out_of_memory_retries_in_halves_after_freeing_the_failed_call(sd, error
     assert not np.array_equal(images[0], images[1])
     assert set(memory.handling) == {None}, "the halves ran inside the failed call's except block"
     assert not any(memory.refused_alive), "the failed call's tensors were still alive during the retry"
-    with OutOfMemoryAbove(handler.pipeline.unet, limit=1, error=error):
+    with OutOfMemoryAbove(handler.service.pipeline.unet, limit=1, error=error):
         [refused] = run_json(handler, context, request)
     assert context.get_response_status(0)[0] == 507 and "out of memory" in json.loads(refused)["error"]
 
@@ -293,8 +293,8 @@ def test_every_view_knows_its_device_without_searching_for_offload_hooks(sd, mon
     from diffusers.hooks import group_offloading
 
     handler, _ = sd
-    views = handler.generator.views
-    pipelines = [handler.pipeline, views.pipeline_for("img2img"), views.pipeline_for("inpaint"),
+    views = handler.service.generator.views
+    pipelines = [handler.service.pipeline, views.pipeline_for("img2img"), views.pipeline_for("inpaint"),
                  views.pipeline_for("txt2img", controlnet="canny"), views.pipeline_for("txt2img", scheduler="euler")]
     for pipeline in pipelines:
         # diffusers' own search, run once here, agrees with the pinned answer.

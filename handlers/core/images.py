@@ -7,7 +7,7 @@ import warnings
 
 from PIL import Image
 
-from handlers.errors import PayloadTooLarge, RequestError
+from handlers.core.errors import PayloadTooLarge, RequestError
 
 IMAGE_FIELDS = ("image", "mask_image", "control_image")
 # The formats README documents, by their file signatures. Anything else is refused before Pillow

@@ -13,9 +13,9 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL.Image import Image
 
-from handlers.errors import GenerationFailed, OutOfMemory, RequestError
-from handlers.request import GenerationRequest
-from handlers.schedulers import PipelineViews
+from handlers.core.errors import GenerationFailed, OutOfMemory, RequestError
+from handlers.core.request import GenerationRequest
+from handlers.core.schedulers import PipelineViews
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 
 from filelock import FileLock
 
-from handlers.errors import PipelineNotFound, UnsafeArchive
+from handlers.core.errors import PipelineNotFound, UnsafeArchive
 
 PIPELINE_MARKER = "model_index.json"
 ZIPPED_PIPELINE = "model.zip"

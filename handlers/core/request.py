@@ -1,18 +1,20 @@
-"""Turn one TorchServe request row into a validated GenerationRequest."""
+"""Turn one request's body into a validated GenerationRequest. What an engine delivers (TorchServe's
+rows, KServe's envelopes) is read by that engine's adapter; this module sees a body or its fields."""
 
 import functools
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from PIL.Image import Image
 from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
-from handlers.codecs import answer_size_bound
-from handlers.config import GenerationDefaults, Limits
-from handlers.errors import PayloadTooLarge, RequestError, excerpt
-from handlers.images import HOW_TO_SEND_AN_IMAGE, IMAGE_FIELDS, decode_image
+from handlers.core.codecs import answer_size_bound
+from handlers.core.config import GenerationDefaults, Limits
+from handlers.core.errors import PayloadTooLarge, RequestError, excerpt
+from handlers.core.images import HOW_TO_SEND_AN_IMAGE, IMAGE_FIELDS, decode_image
 
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_LENGTH = 1000
@@ -128,20 +130,23 @@ def check_unicode(text: str) -> None:
         ) from None
 
 
+AnswerBound = Callable[[GenerationRequest], int]
+
+
 def parse_request(
-    row: Any,
+    fields: dict[str, Any],
     defaults: GenerationDefaults,
     limits: Limits,
-    body_type: str | None = None,
     accept: str | None = None,
     adapters: Adapters = Adapters(),
-    envelope: str = "none",
+    answer_bound: AnswerBound = answer_size_bound,
 ) -> GenerationRequest:
-    """Validate a row against GenerationRequest: built-in defaults, then the model's, then the request's.
+    """Validate a request's fields against GenerationRequest: built-in defaults, then the model's, then
+    the request's.
 
-    body_type is the Content-Type TorchServe recorded for the body; accept is the Accept header.
+    accept is the Accept header; answer_bound, the most bytes the answer can take as the engine sends it.
     """
-    fields = read_fields(row, body_type)
+    fields = dict(fields)
     if "output_format" not in fields and (chosen := format_from_accept(accept)):
         fields["output_format"] = chosen
     for name in IMAGE_FIELDS:
@@ -157,7 +162,7 @@ def parse_request(
         request = GenerationRequest(**{**defaults.model_dump(), **fields})
     except ValidationError as error:
         raise _as_request_error(error) from None
-    check_limits(request, limits, envelope)
+    check_limits(request, limits, answer_bound)
     check_task_inputs(request)
     check_adapters(request, adapters)
     for name in IMAGE_FIELDS:
@@ -212,80 +217,36 @@ def _multiple_of_8(pixels: int) -> int:
 
 
 
-def read_fields(row: Any, body_type: str | None = None) -> dict[str, Any]:
-    """Collect request fields from whichever body shape TorchServe delivered."""
-    if isinstance(row, str):  # a KServe v1 instance, unwrapped by TorchServe's kserve envelope
-        fields = {"prompt": row}
-    elif not isinstance(row, dict):
-        raise RequestError("expected a prompt or an object of request fields", field="body")
-    elif "body" in row:
-        fields = _fields_from_body(row["body"], body_type)
-    else:
-        # Form fields (urlencoded or multipart) and KServe instances arrive as the row's own keys;
-        # image parts stay bytes.
-        fields = {key: value if key in IMAGE_FIELDS else _as_text(value) for key, value in row.items()}
-
-    if "data" in fields:
-        if "prompt" in fields:
-            raise RequestError("send the prompt as `prompt` or as `data`, not both", field="data")
-        fields["prompt"] = fields.pop("data")
-    if fields.get("prompt") is None:
-        raise RequestError(HOW_TO_SEND_A_PROMPT, field="prompt")
-    return fields
-
-
-def _fields_from_body(raw: Any, body_type: str | None) -> dict[str, Any]:
-    body = _as_text(raw)
+def body_fields(raw: Any, content_type: str | None = None) -> dict[str, Any]:
+    """One request's body as fields: a JSON object, or plain text that is the prompt."""
+    body = as_text(raw)
     is_raw_bytes = isinstance(raw, (bytes, bytearray))
-    if is_raw_bytes and (body_type or "").startswith("application/json"):
-        body = _load_json(body)  # TorchServe forwards JSON it failed to decode as raw bytes
+    if is_raw_bytes and (content_type or "").startswith("application/json"):
+        body = _load_json(body)
     if isinstance(body, str):
-        # Raw bytes arrive without a Content-Type, so a JSON object may hide in them.
+        # Raw bytes may arrive without a Content-Type, so a JSON object may hide in them.
         body = (_json_object(body) if is_raw_bytes else None) or {"prompt": body}
     if not isinstance(body, dict):
         raise RequestError('the JSON body must be an object such as {"prompt": "a cat"}', field="body")
-    return unwrap_envelope(body)
-
-
-def unwrap_envelope(body: dict) -> dict[str, Any]:
-    """Accept KServe v1/v2 and Hugging Face bodies posted straight to /predictions."""
-    if "instances" in body:
-        instances = body["instances"]
-        if not isinstance(instances, list) or len(instances) != 1:
-            raise RequestError(
-                "`instances` must hold exactly one instance per request here; to send several, "
-                "start TorchServe with service_envelope=kserve",
-                field="instances",
-            )
-        return read_fields(instances[0])
-    inputs = body.get("inputs")
-    if isinstance(inputs, list) and inputs and all(isinstance(item, dict) for item in inputs):
-        return merge_v2_inputs(inputs)
-    if "inputs" in body:
-        parameters = body.get("parameters") or {}
-        if not isinstance(parameters, dict):
-            raise RequestError("`parameters` must be an object of request fields", field="parameters")
-        return {"prompt": inputs, **parameters}
     return dict(body)
 
 
-def merge_v2_inputs(inputs: list[dict]) -> dict[str, Any]:
-    """KServe v2 inputs become fields by name; one unnamed-field input is the prompt."""
-    fields: dict[str, Any] = {}
-    for item in inputs:
-        data = item.get("data")
-        if isinstance(data, list) and len(data) == 1:
-            data = data[0]
-        name = item.get("name")
-        if name not in GenerationRequest.model_fields and name != "data" and "prompt" not in fields:
-            name = "prompt"
-        fields[name] = _as_text(data)
+def request_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields a request means: Hugging Face's {"inputs", "parameters"} and the example's `data` name
+    the prompt, and there must be one."""
+    if "inputs" in fields:
+        parameters = fields.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise RequestError("`parameters` must be an object of request fields", field="parameters")
+        fields = {"prompt": fields["inputs"], **parameters}
+    if "data" in fields:
+        if "prompt" in fields:
+            raise RequestError("send the prompt as `prompt` or as `data`, not both", field="data")
+        fields = {**fields, "prompt": fields["data"]}
+        del fields["data"]
+    if fields.get("prompt") is None:
+        raise RequestError(HOW_TO_SEND_A_PROMPT, field="prompt")
     return fields
-
-
-def is_v2_inputs(rows: list) -> bool:
-    """Rows that TorchServe's kservev2 envelope made out of one request's inputs."""
-    return bool(rows) and all(isinstance(row, dict) and {"name", "datatype", "data"} <= row.keys() for row in rows)
 
 
 def format_from_accept(accept: str | None) -> str | None:
@@ -296,10 +257,10 @@ def format_from_accept(accept: str | None) -> str | None:
     return None
 
 
-def check_defaults_fit(defaults: GenerationDefaults, limits: Limits, envelope: str = "none") -> None:
+def check_defaults_fit(defaults: GenerationDefaults, limits: Limits, answer_bound: AnswerBound = answer_size_bound) -> None:
     """At start-up: a request that sets nothing must pass the model's own limits."""
     try:
-        check_limits(GenerationRequest(**{**defaults.model_dump(), "prompt": "x", "seed": 0}), limits, envelope)
+        check_limits(GenerationRequest(**{**defaults.model_dump(), "prompt": "x", "seed": 0}), limits, answer_bound)
     except RequestError as error:
         raise ValueError(
             f"the handler: section's defaults break its own limits, so every request that relies on them would "
@@ -308,7 +269,7 @@ def check_defaults_fit(defaults: GenerationDefaults, limits: Limits, envelope: s
         ) from None
 
 
-def check_limits(request: GenerationRequest, limits: Limits, envelope: str = "none") -> None:
+def check_limits(request: GenerationRequest, limits: Limits, answer_bound: AnswerBound = answer_size_bound) -> None:
     if request.num_images_per_prompt > limits.max_images_per_prompt:
         raise RequestError(
             f"num_images_per_prompt: at most {limits.max_images_per_prompt} (got {request.num_images_per_prompt})",
@@ -337,7 +298,7 @@ def check_limits(request: GenerationRequest, limits: Limits, envelope: str = "no
             field="num_inference_steps",
             allowed={"max_work": limits.max_work},
         )
-    answer_bytes = answer_size_bound(request, envelope)
+    answer_bytes = answer_bound(request)
     if answer_bytes > limits.max_response_bytes:
         raise PayloadTooLarge(
             f"the answer could take {answer_bytes} bytes as {request.output_format}, over the server's limit of "
@@ -348,7 +309,7 @@ def check_limits(request: GenerationRequest, limits: Limits, envelope: str = "no
         )
 
 
-def _as_text(value: Any) -> Any:
+def as_text(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray)):
         try:
             return bytes(value).decode("utf-8")

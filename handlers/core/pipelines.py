@@ -9,8 +9,8 @@ import diffusers
 import torch
 from diffusers import DiffusionPipeline
 
-from handlers.config import HandlerConfig
-from handlers.execution_device import pin_execution_device
+from handlers.core.config import HandlerConfig
+from handlers.core.execution_device import pin_execution_device
 
 logger = logging.getLogger(__name__)
 

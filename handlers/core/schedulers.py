@@ -16,8 +16,8 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from handlers.errors import RequestError
-from handlers.execution_device import pin_execution_device, pinned_device
+from handlers.core.errors import RequestError
+from handlers.core.execution_device import pin_execution_device, pinned_device
 
 SCHEDULERS = {
     "ddim": (DDIMScheduler, {}),

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import math
+from collections.abc import Callable
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -13,10 +14,10 @@ import numpy as np
 from PIL import Image as PILImage
 from PIL.Image import Image
 
-from handlers.images import IMAGE_FIELDS
+from handlers.core.images import IMAGE_FIELDS
 
 if TYPE_CHECKING:  # request.py checks answer sizes with this module, so only the type is imported here
-    from handlers.request import GenerationRequest
+    from handlers.core.request import GenerationRequest
 
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
@@ -99,21 +100,24 @@ def document_of(
 
 
 def encode_response(
-    request: GenerationRequest, images: list[Image], enveloped: bool = False, nsfw_flags: list[bool] | None = None
-) -> tuple[Any, str]:
+    request: GenerationRequest, images: list[Image], nsfw_flags: list[bool] | None = None
+) -> tuple[bytes | str, str]:
     """The body and its Content-Type.
 
     One image in png/jpeg/webp is sent as raw bytes; several are sent as the json document in that
-    image format. Inside a KServe envelope, TorchServe JSON-encodes the answer itself, so JSON
-    values are returned rather than text or bytes.
+    image format.
     """
     output_format = request.output_format
     if output_format == "numpy":
-        return (numpy_list(images) if enveloped else encode_numpy_json(images)), JSON
-    if output_format in IMAGE_TYPES and len(images) == 1 and not enveloped:
+        return encode_numpy_json(images), JSON
+    if output_format in IMAGE_TYPES and len(images) == 1:
         return encode_image(images[0], output_format, request.quality), IMAGE_TYPES[output_format]
-    document = json_document(request, images, "png" if output_format == "json" else output_format, nsfw_flags)
-    return (document if enveloped else compact_json(document)), JSON
+    return compact_json(json_document(request, images, document_format(output_format), nsfw_flags)), JSON
+
+
+def document_format(output_format: str) -> str:
+    """The image format inside a json document: the one asked for, or png."""
+    return output_format if output_format in IMAGE_TYPES else "png"
 
 
 def progress_line(step: int, total: int, elapsed: float) -> str:
@@ -124,8 +128,7 @@ def stream_result(
     request: GenerationRequest, images: list[Image], nsfw_flags: list[bool] | None = None
 ) -> tuple[str, str]:
     """The last line of a stream: the json document, its images in png unless jpeg or webp was asked for."""
-    image_format = request.output_format if request.output_format in IMAGE_TYPES else "png"
-    return compact_json(json_document(request, images, image_format, nsfw_flags)) + "\n", NDJSON
+    return compact_json(json_document(request, images, document_format(request.output_format), nsfw_flags)) + "\n", NDJSON
 
 
 # What an encoded image can take, measured on uniform noise (the worst case) at quality 100:
@@ -134,58 +137,65 @@ ENCODED_BYTES_PER_PIXEL = 3.1
 ENCODED_OVERHEAD_BYTES = 8192
 
 
-def answer_size_bound(request: GenerationRequest, envelope: str = "none") -> int:
+def answer_size_bound(request: GenerationRequest) -> int:
     """The most bytes the answer to this request can take on the wire, known before any work.
 
-    The format, the size and the image count bound it. Inside a KServe envelope TorchServe
-    re-serialises the answer with json.dumps(indent=2), which the bound includes.
+    The format, the size and the image count bound it.
     """
     if request.output_format == "numpy":
-        return numpy_size_bound(request.height, request.width, request.image_count, envelope)
-    image_bytes = math.ceil(request.height * request.width * ENCODED_BYTES_PER_PIXEL) + ENCODED_OVERHEAD_BYTES
-    if request.output_format in IMAGE_TYPES and request.image_count == 1 and envelope == "none" and not request.stream:
-        return image_bytes
-    image_format = request.output_format if request.output_format in IMAGE_TYPES else "png"
-    # The document with empty image strings: base64 needs no JSON escaping, so each image adds exactly
-    # its base64 length to it, and no image-sized placeholder need be built. Flags at their longest.
-    document = document_of(request, [""] * request.image_count, image_format, [False] * request.image_count)
-    text = compact_json(document) if envelope == "none" else json.dumps({"predictions": [document]}, indent=2)
-    base64_bytes = 4 * math.ceil(image_bytes / 3)
+        return numpy_size_bound(request.height, request.width, request.image_count)
+    if request.output_format in IMAGE_TYPES and request.image_count == 1 and not request.stream:
+        return encoded_image_bound(request)
     progress_bytes = STREAM_PROGRESS_BYTES * request.num_inference_steps if request.stream else 0
-    return len(text.encode()) + request.image_count * base64_bytes + progress_bytes
+    return document_size_bound(request, compact_json) + progress_bytes
+
+
+def encoded_image_bound(request: GenerationRequest) -> int:
+    return math.ceil(request.height * request.width * ENCODED_BYTES_PER_PIXEL) + ENCODED_OVERHEAD_BYTES
+
+
+def document_size_bound(request: GenerationRequest, serialise: Callable[[dict], str]) -> int:
+    """The json document's size as serialise writes it.
+
+    The document with empty image strings: base64 needs no JSON escaping, so each image adds exactly
+    its base64 length to it, and no image-sized placeholder need be built. Flags at their longest.
+    """
+    count = request.image_count
+    document = document_of(request, [""] * count, document_format(request.output_format), [False] * count)
+    return len(serialise(document).encode()) + count * 4 * math.ceil(encoded_image_bound(request) / 3)
 
 
 # A progress line, {"step":150,"total":150,"elapsed":12345.678}, with room to spare.
 STREAM_PROGRESS_BYTES = 64
 
 
-def numpy_size_bound(height: int, width: int, count: int, envelope: str = "none") -> int:
+def numpy_size_bound(
+    height: int, width: int, count: int, serialised_size: Callable[[list[Image]], int] | None = None
+) -> int:
     """The numpy-list answer's size for count images, from its exact size at a few tiny sizes.
 
     The body is linear in height x width and in height (every value, pixel and row has a fixed
     cost once values are three digits wide, their worst case), so three tiny measurements of two
     white images give the per-image cost at any size. Two images nest one level deeper than one,
-    so the per-image cost measured there also bounds a single image.
+    so the per-image cost measured there also bounds a single image. serialised_size gives the size
+    of the answer for some images as an engine wraps it (default: the body encode_response writes).
     """
-    pixel, row, shell = _numpy_size_coefficients(envelope)
-    return math.ceil(count * (pixel * height * width + row * height)) + shell + ENVELOPE_NAMES_BYTES
+    pixel, row, shell = _numpy_size_coefficients(serialised_size or _plain_numpy_size)
+    return math.ceil(count * (pixel * height * width + row * height)) + shell + WRAPPER_NAMES_BYTES
 
 
-# Room for what an envelope adds around the values: the request id, the model's name and version.
-ENVELOPE_NAMES_BYTES = 1024
+# Room for what an engine's wrapper adds around the values: a request id, the model's name and version.
+WRAPPER_NAMES_BYTES = 1024
+
+
+def _plain_numpy_size(images: list[Image]) -> int:
+    return len(encode_numpy_json(images))
 
 
 @cache
-def _numpy_size_coefficients(envelope: str) -> tuple[float, float, int]:
+def _numpy_size_coefficients(serialised_size: Callable[[list[Image]], int]) -> tuple[float, float, int]:
     def size(height: int, width: int) -> int:
-        images = [PILImage.new("RGB", (width, height), (255, 255, 255))] * 2
-        if envelope == "none":
-            return len(encode_numpy_json(images))
-        if envelope == "kservev2":  # its envelope flattens the array into one list of values
-            flat = np.asarray(numpy_list(images)).flatten().tolist()
-            output = {"name": "prompt", "datatype": "INT64", "data": flat, "shape": [len(flat)]}
-            return len(json.dumps({"id": "", "model_name": "", "model_version": "", "outputs": [output]}, indent=2))
-        return len(json.dumps({"predictions": [numpy_list(images)]}, indent=2))
+        return serialised_size([PILImage.new("RGB", (width, height), (255, 255, 255))] * 2)
 
     one = size(1, 1)
     pixel = size(1, 2) - one  # per extra pixel, for two images

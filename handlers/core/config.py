@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from handlers.schedulers import SCHEDULERS
+from handlers.core.schedulers import SCHEDULERS
 
 SchedulerName = Literal[tuple(SCHEDULERS)]
 OutputFormat = Literal["numpy", "png", "jpeg", "webp", "json"]

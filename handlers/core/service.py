@@ -1,0 +1,163 @@
+"""One model, served: what a TorchServe worker or a Ray Serve replica holds, and what every request
+goes through, with no server in it. Each engine's adapter turns its own requests into fields and
+this service's answers into its own responses."""
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from handlers.core.archive import locate_pipeline
+from handlers.core.codecs import answer_size_bound, encode_response, stream_result
+from handlers.core.config import HandlerConfig
+from handlers.core.errors import InternalError, RequestError
+from handlers.core.generation import Generated, ImageGenerator, StepListener
+from handlers.core.metrics import MetricEvent, answer_events, error_events
+from handlers.core.pipelines import (
+    apply_memory_options,
+    compile_counts,
+    compile_denoiser,
+    load_controlnets,
+    load_loras,
+    load_pipeline,
+    resolve_batching,
+    resolve_dtype,
+    resolve_reference,
+    select_device,
+    ships_safety_checker,
+)
+from handlers.core.request import Adapters, AnswerBound, GenerationRequest, check_defaults_fit, parse_request
+
+logger = logging.getLogger(__name__)
+
+# A request's images, or its error.
+Outcome = tuple[GenerationRequest, Generated] | RequestError
+
+
+@dataclass
+class Answer:
+    """A generated request's response: body, Content-Type and headers."""
+
+    request: GenerationRequest
+    generated: Generated
+    body: Any
+    content_type: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class DiffusionService:
+    """The pipeline and its views, loaded once, and each request's way through them: read, generate, encode."""
+
+    def __init__(
+        self, model_dir: Path, config: HandlerConfig, gpu_id: int | None = None, answer_bound: AnswerBound | None = None
+    ):
+        self.config = config
+        self.defaults, self.limits = config.generation_defaults, config.limits
+        self.answer_bound = answer_bound or answer_size_bound
+        # Before any weights load: defaults that every request would be refused for stop the model now.
+        check_defaults_fit(self.defaults, self.limits, self.answer_bound)
+        self.device = select_device(gpu_id)
+        unpack_dir = Path(config.unpack_dir) if config.unpack_dir else None
+        pipeline_dir = locate_pipeline(model_dir, unpack_dir, config.max_unpacked_bytes)
+        dtype = resolve_dtype(config.torch_dtype, self.device)
+        combine = resolve_batching(config.batching, self.device)
+        allow_pickle = config.allow_pickle_weights
+        logger.info("loading %s on %s as %s (combined batches: %s)", pipeline_dir, self.device, dtype, combine)
+        without = {} if config.safety_checker or not ships_safety_checker(pipeline_dir) else {"safety_checker": None}
+        self.pipeline = load_pipeline(pipeline_dir, dtype, allow_pickle, config.variant, **without)
+        load_loras(self.pipeline, config.loras, pipeline_dir, allow_pickle)
+        controlnets = load_controlnets(config.controlnets, pipeline_dir, dtype, allow_pickle)
+        refiner = None
+        if config.refiner:
+            # The refiner shares the base's second text encoder and VAE rather than loading copies.
+            refiner = load_pipeline(
+                resolve_reference(config.refiner, pipeline_dir, "refiner"),
+                dtype,
+                allow_pickle,
+                text_encoder_2=self.pipeline.text_encoder_2,
+                vae=self.pipeline.vae,
+            )
+        for pipeline in (self.pipeline, refiner):
+            if pipeline is not None:
+                apply_memory_options(pipeline, config, self.device)
+        for controlnet in controlnets.values():
+            controlnet.to(self.device)
+        self.adapters = Adapters(loras=tuple(config.loras), controlnets=tuple(controlnets))
+        self.generator = ImageGenerator(
+            self.pipeline, combine, controlnets, bool(config.loras), refiner, config.refiner_switch
+        )
+        if config.torch_compile:
+            compile_denoiser(self.pipeline, config)
+        if config.warm_up or config.torch_compile:
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """One short generation at the default size, so compilation (and CUDA's first-call set-up) happens
+        here, not in the first request.
+
+        Inductor's on-disk caches make it cheap for every worker after the first: their graphs and
+        kernels load instead of compiling. A cache that does not match (another torch, another
+        device) is a miss, and the graph compiles as if there were none.
+        """
+        start = time.perf_counter()
+        before = compile_counts()
+        request = GenerationRequest(**{**self.defaults.model_dump(), "prompt": "warm-up", "num_inference_steps": 1})
+        [outcome] = self.generator.generate([request])
+        if isinstance(outcome, RequestError):
+            raise RuntimeError(f"warm-up generation failed: {outcome.message}")
+        compiled, loaded = (after - earlier for after, earlier in zip(compile_counts(), before))
+        logger.info(
+            "warm-up generation took %.1f s: %d graphs compiled, %d loaded from inductor's cache",
+            time.perf_counter() - start, compiled, loaded,
+        )
+
+    def read(self, read_fields: Callable[[], dict], accept: str | None, request_id: str) -> GenerationRequest | RequestError:
+        """One request, validated; read_fields gets its fields from the engine's own request. Whatever
+        goes wrong stays with this request."""
+        try:
+            return parse_request(read_fields(), self.defaults, self.limits, accept, self.adapters, self.answer_bound)
+        except RequestError as error:
+            return error
+        except Exception:  # noqa: BLE001 - whatever a library raises for this request stays with this request
+            logger.exception("reading request %s failed", request_id)
+            return InternalError("the server failed to read this request; the worker log has the details")
+
+    def generate(self, requests: list[GenerationRequest | RequestError], on_step: StepListener | None = None) -> list[Outcome]:
+        """Each request's images or error, in order; requests refused already keep their error."""
+        valid = [request for request in requests if not isinstance(request, RequestError)]
+        logger.info("batch of %d requests, %d valid", len(requests), len(valid))
+        generated = iter(self.generator.generate(valid, on_step))
+        outcomes: list[Outcome] = []
+        for request in requests:
+            if isinstance(request, RequestError):
+                outcomes.append(request)
+                continue
+            result = next(generated)
+            outcomes.append(result if isinstance(result, RequestError) else (request, result))
+        return outcomes
+
+    def encode(self, outcome: Outcome, request_id: str, encode: Callable | None = None) -> Answer | RequestError:
+        """The response to one request, or its error; encode (request, images, nsfw flags) -> body, Content-Type
+        replaces the plain HTTP encoding where an engine wraps answers its own way."""
+        if isinstance(outcome, RequestError):
+            return outcome
+        request, generated = outcome
+        try:
+            if request.stream:
+                body, content_type = stream_result(request, generated.images, generated.nsfw_flags)
+            else:
+                body, content_type = (encode or encode_response)(request, generated.images, generated.nsfw_flags)
+        except Exception:  # noqa: BLE001 - one answer that fails to encode must not fail its batch-mates
+            logger.exception("encoding the answer to request %s failed", request_id)
+            return InternalError("the server failed to encode the images; the worker log has the details")
+        headers = {"X-Seed": str(request.seed)}
+        if generated.nsfw_flags is not None:  # one flag per image, in order: the only word a raw image can carry
+            headers["X-NSFW-Content-Detected"] = ",".join(str(flag).lower() for flag in generated.nsfw_flags)
+        return Answer(request, generated, body, content_type, headers)
+
+    def metric_events(self, answer: Answer | RequestError, model_name: str) -> list[MetricEvent]:
+        if isinstance(answer, RequestError):
+            return error_events(answer, model_name)
+        return answer_events(answer.request, len(answer.generated.images), answer.generated.seconds, model_name)

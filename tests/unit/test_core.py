@@ -1,0 +1,42 @@
+"""The core knows no server: every module of handlers/core imports with TorchServe (`ts`) and Ray absent,
+and imports neither. An engine's adapter (handlers/handler.py for TorchServe) sits beside it."""
+
+import subprocess
+import sys
+
+from archiver.build import REPO_ROOT
+
+# sys.modules[name] = None makes `import name` fail, and makes optional-dependency probes
+# (importlib.util.find_spec) see the package as absent, as on a machine without it.
+IMPORT_WITHOUT_SERVERS = """
+import importlib, pkgutil, sys
+SERVERS = ("ts", "ray")
+for name in SERVERS:
+    sys.modules[name] = None
+for name in sys.argv[1:]:
+    package = importlib.import_module(name)
+    for module in pkgutil.walk_packages(getattr(package, "__path__", []), prefix=name + "."):
+        importlib.import_module(module.name)
+loaded = sorted(name for name in sys.modules if name.split(".")[0] in SERVERS and sys.modules[name] is not None)
+print("loaded:", loaded)
+sys.exit(1 if loaded else 0)
+"""
+
+
+def import_without_servers(*modules: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", IMPORT_WITHOUT_SERVERS, *modules], cwd=REPO_ROOT, capture_output=True, text=True,
+        timeout=300,
+    )
+
+
+def test_the_core_imports_with_neither_torchserve_nor_ray_installed():
+    result = import_without_servers("handlers.core")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "loaded: []" in result.stdout
+
+
+def test_the_check_fails_for_a_module_that_needs_torchserve():
+    result = import_without_servers("handlers.handler")
+    assert result.returncode != 0
+    assert "ModuleNotFoundError" in result.stderr and "'ts" in result.stderr
