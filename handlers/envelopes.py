@@ -17,8 +17,7 @@ from handlers.core.codecs import (
     numpy_size_bound,
 )
 from handlers.core.errors import RequestError
-from handlers.core.images import IMAGE_FIELDS
-from handlers.core.request import AnswerBound, GenerationRequest, as_text, body_fields, request_fields
+from handlers.core.request import AnswerBound, GenerationRequest, as_text, body_fields, form_fields, request_fields
 
 
 def read_row(row: Any, body_type: str | None = None) -> dict[str, Any]:
@@ -29,9 +28,8 @@ def read_row(row: Any, body_type: str | None = None) -> dict[str, Any]:
         raise RequestError("expected a prompt or an object of request fields", field="body")
     if "body" in row:
         return unwrap_kserve_body(body_fields(row["body"], body_type))
-    # Form fields (urlencoded or multipart) and KServe instances arrive as the row's own keys; image parts
-    # stay bytes.
-    return request_fields({key: value if key in IMAGE_FIELDS else as_text(value) for key, value in row.items()})
+    # Form fields (urlencoded or multipart) and KServe instances arrive as the row's own keys.
+    return request_fields(form_fields(row))
 
 
 def unwrap_kserve_body(body: dict[str, Any]) -> dict[str, Any]:

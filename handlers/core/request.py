@@ -231,6 +231,11 @@ def body_fields(raw: Any, content_type: str | None = None) -> dict[str, Any]:
     return dict(body)
 
 
+def form_fields(items: dict[str, Any]) -> dict[str, Any]:
+    """Form fields (urlencoded or multipart) as request fields: image parts stay bytes, the rest is text."""
+    return {key: value if key in IMAGE_FIELDS else as_text(value) for key, value in items.items()}
+
+
 def request_fields(fields: dict[str, Any]) -> dict[str, Any]:
     """The fields a request means: Hugging Face's {"inputs", "parameters"} and the example's `data` name
     the prompt, and there must be one."""

@@ -201,6 +201,9 @@ class TorchServe(OwnedServer):
         kwargs.setdefault("timeout", 300)
         return requests.post(f"{self.inference_url}/predictions/{name}", headers=headers, **kwargs)
 
+    def client_command(self, argv: list[str]) -> list[str]:
+        return argv
+
     def processes(self) -> list[psutil.Process]:
         return process_family(self.process)
 

@@ -1,15 +1,19 @@
-"""One TorchServe per test module, serving archives built by our own archiver CLI."""
+"""One server per test module, serving archives built by our own archiver CLI: TorchServe, or, for the
+suites that check the request API on both engines, Ray Serve on a real Ray cluster."""
 
 import base64
 import io
+import importlib.util
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from archiver.cli import read_properties  # noqa: F401 - the tests read config files as the archiver does
+from tests.harness.ray_cluster import RayServeCluster, can_make_namespaces
 from tests.harness.torchserve import REPO_ROOT, TorchServe
 
 TINY = "tiny_sd"  # small defaults from its model-config.yaml, for fast tests
@@ -45,6 +49,31 @@ def server(tmp_path_factory, model_store):
         yield torchserve
     finally:
         torchserve.stop()
+
+
+ENGINES = ["torchserve", "ray"]
+
+
+@contextmanager
+def serving(engine: str, workdir: Path, model_store: Path, archives: dict[str, str]):
+    """The archives (model name: file in model_store) served by one engine; the same client calls either."""
+    if engine == "torchserve":
+        server = TorchServe(workdir, model_store, archives)
+    else:
+        if importlib.util.find_spec("ray") is None:
+            pytest.skip("ray[serve] is not installed: pip install -e .[test,ray] (scripts/test.sh installs it)")
+        if not can_make_namespaces():
+            pytest.skip("Ray runs in a loopback-only network namespace here, which needs root (unshare -n)")
+        server = RayServeCluster(workdir, {name: model_store / archive for name, archive in archives.items()})
+    with server:
+        yield server
+
+
+def worker_log(server) -> str:
+    """What the model's workers (TorchServe) or replicas (Ray Serve) logged."""
+    if isinstance(server, TorchServe):
+        return (server.workdir / "logs" / "model_log.log").read_text()
+    return server.replica_log()
 
 
 def png(image: Image.Image) -> bytes:

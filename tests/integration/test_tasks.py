@@ -1,4 +1,5 @@
-"""img2img, inpaint, guards, ControlNet, LoRA and streaming through a real TorchServe; and an SDXL archive."""
+"""img2img, inpaint, guards, ControlNet, LoRA and streaming through each engine, TorchServe and Ray Serve;
+and an SDXL archive."""
 
 import base64
 import io
@@ -11,8 +12,8 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.harness.torchserve import REPO_ROOT, TorchServe
-from tests.integration.conftest import b64, bomb, build_archive, png
+from tests.harness.torchserve import REPO_ROOT
+from tests.integration.conftest import ENGINES, b64, bomb, build_archive, png, serving
 
 SD = "adapters_sd"  # tiny SD with a canny ControlNet and two LoRA adapters
 SDXL = "tiny_sdxl"  # tiny SDXL with its refiner
@@ -20,19 +21,21 @@ SMALL = ["--height", "64", "--width", "64", "--num-inference-steps", "4", "--out
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def task_store(tmp_path_factory):
     store = tmp_path_factory.mktemp("task-store")
     build_archive(
         store, SD, "--source", "tiny", "--controlnet", "canny=tiny", "--lora", "style=tiny", "--lora", "ink=tiny",
         "--set", "max_input_pixels=1048576", *SMALL,
     )
     build_archive(store, SDXL, "--source", "tiny-sdxl", "--refiner", "tiny", *SMALL)
-    torchserve = TorchServe(tmp_path_factory.mktemp("torchserve"), store, {SD: f"{SD}.mar", SDXL: f"{SDXL}.mar"})
-    torchserve.start()
-    try:
-        yield torchserve
-    finally:
-        torchserve.stop()
+    return store
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def server(request, tmp_path_factory, task_store):
+    archives = {SD: f"{SD}.mar", SDXL: f"{SDXL}.mar"}
+    with serving(request.param, tmp_path_factory.mktemp(request.param), task_store, archives) as server:
+        yield server
 
 
 START = png(Image.new("RGB", (64, 64), (200, 30, 30)))
@@ -138,12 +141,12 @@ def test_query_script_sends_images_and_adapters(server, tmp_path):
     start, control = tmp_path / "start.png", tmp_path / "edges.png"
     start.write_bytes(START)
     control.write_bytes(png(Image.new("RGB", (64, 64), (255, 255, 255))))
-    command = [
+    command = server.client_command([
         sys.executable, "scripts/query.py", "a red square", "--image", str(start), "--strength", "0.6",
         "--controlnet", "canny", "--control-image", str(control), "--lora", "style", "--lora-weight", "0.5",
         "--seed", "9", "--out", str(tmp_path / "out.png"),
         "--url", server.inference_url, "--model", SD, "--key-file", str(server.workdir / "key_file.json"),
-    ]
+    ])
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     saved = np.asarray(Image.open(tmp_path / "out.png").convert("RGB")).astype(int)
