@@ -175,9 +175,13 @@ class DiffusionDeployment:
         self.counters[event.name].inc(event.value, tags=tags)
 
 
-def build_app(source: str, model_name: str = DEFAULT_MODEL_NAME, replicas: int | None = None):
+def build_app(
+    source: str, model_name: str = DEFAULT_MODEL_NAME, replicas: int | None = None, max_replicas_per_node: int | None = None
+):
     """The Ray Serve application; replicas fixes their number, otherwise they scale on queue length."""
     options = {"num_replicas": replicas, "autoscaling_config": None} if replicas else {}
+    if max_replicas_per_node:
+        options["max_replicas_per_node"] = max_replicas_per_node
     return DiffusionDeployment.options(name=model_name, **options).bind(source, model_name)
 
 
@@ -188,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="where Ray Serve's HTTP proxy listens (loopback by default)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--replicas", type=int, help="a fixed number of replicas (default: scale on queue length)")
+    parser.add_argument("--max-replicas-per-node", type=int, help="spread replicas over nodes (1: one per node)")
     parser.add_argument("--address", default="auto", help="the Ray cluster to join (default: the one ray start began)")
     args = parser.parse_args(argv)
     import ray
@@ -195,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address=args.address, log_to_driver=False)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(
-        build_app(args.source, args.model_name, args.replicas),
+        build_app(args.source, args.model_name, args.replicas, args.max_replicas_per_node),
         name=args.model_name,
         route_prefix=f"/predictions/{args.model_name}",
     )

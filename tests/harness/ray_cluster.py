@@ -89,9 +89,11 @@ class RayServeCluster:
     """
 
     def __init__(self, workdir: Path, models: dict[str, Path | str], nodes: tuple[dict, ...] = ({"head_node": 1},),
-                 replicas: int = 1, cpus_per_node: int = 2):
+                 replicas: int = 1, cpus_per_node: int = 2, deploy_options: tuple[str, ...] = (), dashboard: bool = False):
         self.workdir, self.models = workdir, {name: str(source) for name, source in models.items()}
         self.nodes, self.replicas, self.cpus_per_node = nodes, replicas, cpus_per_node
+        self.deploy_options = deploy_options  # more arguments for python -m handlers.ray_serve
+        self.dashboard = dashboard  # Ray's state API (ray.util.state) answers through the dashboard
         self.namespace: LoopbackNamespace | None = None
         self.clients = ThreadPoolExecutor(16, initializer=self._enter_namespace)
         self.env = {
@@ -124,13 +126,15 @@ class RayServeCluster:
         try:
             common = ["--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus_per_node}", "--disable-usage-stats"]
             head, *others = self.nodes
-            self.run(["ray", "start", "--head", f"--port={GCS_PORT}", "--include-dashboard=false", f"--temp-dir={self.temp_dir}",
+            dashboard = ["--include-dashboard=true", "--dashboard-host=127.0.0.1"] if self.dashboard else ["--include-dashboard=false"]
+            self.run(["ray", "start", "--head", f"--port={GCS_PORT}", *dashboard, f"--temp-dir={self.temp_dir}",
                       f"--resources={json.dumps(head)}", *common])
             for resources in others:
                 self.run(["ray", "start", f"--address=127.0.0.1:{GCS_PORT}", f"--resources={json.dumps(resources)}", *common])
             for name, source in self.models.items():  # one application per model, at /predictions/<name>
                 self.run([sys.executable, "-m", "handlers.ray_serve", "--source", source, "--model-name", name,
-                          "--replicas", str(self.replicas), "--address", f"127.0.0.1:{GCS_PORT}"], 600)
+                          "--replicas", str(self.replicas), "--address", f"127.0.0.1:{GCS_PORT}", *self.deploy_options],
+                         600)
         except BaseException:
             self.stop()
             raise

@@ -55,8 +55,9 @@ ENGINES = ["torchserve", "ray"]
 
 
 @contextmanager
-def serving(engine: str, workdir: Path, model_store: Path, archives: dict[str, str]):
-    """The archives (model name: file in model_store) served by one engine; the same client calls either."""
+def serving(engine: str, workdir: Path, model_store: Path, archives: dict[str, str], **ray_options):
+    """The archives (model name: file in model_store) served by one engine; the same client calls either.
+    ray_options go to RayServeCluster (nodes, replicas, ...)."""
     if engine == "torchserve":
         server = TorchServe(workdir, model_store, archives)
     else:
@@ -64,7 +65,7 @@ def serving(engine: str, workdir: Path, model_store: Path, archives: dict[str, s
             pytest.skip("ray[serve] is not installed: pip install -e .[test,ray] (scripts/test.sh installs it)")
         if not can_make_namespaces():
             pytest.skip("Ray runs in a loopback-only network namespace here, which needs root (unshare -n)")
-        server = RayServeCluster(workdir, {name: model_store / archive for name, archive in archives.items()})
+        server = RayServeCluster(workdir, {name: model_store / archive for name, archive in archives.items()}, **ray_options)
     with server:
         yield server
 
