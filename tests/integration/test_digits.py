@@ -1,4 +1,5 @@
-"""Oracle tests: the shipped digits model draws the digit a prompt asks for, through a real TorchServe.
+"""Oracle tests: the shipped digits model draws the digit a prompt asks for, through each engine (a real
+TorchServe, and Ray Serve on a real Ray cluster).
 
 An independent scikit-learn classifier, trained here on the real 8x8 digits and never on generated
 images, labels each generated image after downscaling it to 8x8.
@@ -13,8 +14,7 @@ import pytest
 from PIL import Image
 
 from archiver.digits import DigitsOracle
-from tests.harness.torchserve import TorchServe
-from tests.integration.conftest import build_archive
+from tests.integration.conftest import ENGINES, build_archive, serving
 
 DIGITS = "digits"
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -29,15 +29,16 @@ def classifier():
 
 
 @pytest.fixture(scope="module")
-def digits_server(tmp_path_factory):
+def digits_store(tmp_path_factory):
     store = tmp_path_factory.mktemp("digits-store")
     build_archive(store, DIGITS, "--source", "digits", "--batch-size", "4", "--max-batch-delay", "300")
-    server = TorchServe(tmp_path_factory.mktemp("digits-server"), store, {DIGITS: f"{DIGITS}.mar"})
-    server.start()
-    try:
+    return store
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def digits_server(request, tmp_path_factory, digits_store):
+    with serving(request.param, tmp_path_factory.mktemp(request.param), digits_store, {DIGITS: f"{DIGITS}.mar"}) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def label(classifier, png: bytes) -> int:
