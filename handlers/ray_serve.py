@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.serve import Application
 from ray.serve.metrics import Counter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -35,6 +37,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "stable_diffusion"
 MODEL_CONFIG = "model-config.yaml"
 METRICS = Path(__file__).with_name("metrics.yaml")
+REQUEST_TIMEOUT_S = 660
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
@@ -175,14 +178,23 @@ class DiffusionDeployment:
         self.counters[event.name].inc(event.value, tags=tags)
 
 
-def build_app(
-    source: str, model_name: str = DEFAULT_MODEL_NAME, replicas: int | None = None, max_replicas_per_node: int | None = None
-):
-    """The Ray Serve application; replicas fixes their number, otherwise they scale on queue length."""
-    options = {"num_replicas": replicas, "autoscaling_config": None} if replicas else {}
-    if max_replicas_per_node:
-        options["max_replicas_per_node"] = max_replicas_per_node
-    return DiffusionDeployment.options(name=model_name, **options).bind(source, model_name)
+class AppArgs(BaseModel):
+    """The application's arguments: `args:` of a Serve config file (KubeRay's serveConfigV2), or the CLI's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str
+    model_name: str = DEFAULT_MODEL_NAME
+    replicas: int | None = Field(None, ge=1, description="a fixed number of replicas; default: scale on queue length")
+    max_replicas_per_node: int | None = Field(None, ge=1, description="1 spreads the replicas, one per node")
+
+
+def build_app(args: AppArgs) -> Application:
+    """The Ray Serve application (import path handlers.ray_serve:build_app)."""
+    options = {"num_replicas": args.replicas, "autoscaling_config": None} if args.replicas else {}
+    if args.max_replicas_per_node:
+        options["max_replicas_per_node"] = args.max_replicas_per_node
+    return DiffusionDeployment.options(name=args.model_name, **options).bind(args.source, args.model_name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,9 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     ray.init(address=args.address, log_to_driver=False)
-    serve.start(http_options={"host": args.host, "port": args.port})
+    # No request waits forever: as long as TorchServe's responseTimeout in our archives, plus the queue.
+    serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": REQUEST_TIMEOUT_S})
     serve.run(
-        build_app(args.source, args.model_name, args.replicas, args.max_replicas_per_node),
+        build_app(AppArgs(source=args.source, model_name=args.model_name, replicas=args.replicas,
+                          max_replicas_per_node=args.max_replicas_per_node)),
         name=args.model_name,
         route_prefix=f"/predictions/{args.model_name}",
     )

@@ -4,5 +4,5 @@ set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$REPO_ROOT"
 check_java
-ensure_venv test
+ensure_venv test,ray
 exec "$PYTHON" -m pytest "$@"

@@ -187,3 +187,63 @@ def test_the_kserve_image_runs_the_command_kserve_passes_then_the_wrapper():
     assert "ARG TORCHSERVE_TAG=v0.12.0" in dockerfile and '"torchserve==0.12.0"' in (REPO_ROOT / "pyproject.toml").read_text()
     for wrapper_file in ("__main__.py", "TorchserveModel.py", "TSModelRepository.py", "gprc_utils.py"):
         assert f"kserve_wrapper/{wrapper_file}" in dockerfile
+
+
+RAYSERVICE = REPO_ROOT / "kuberay" / "rayservice.yaml"
+
+
+def rayservice() -> tuple[dict, dict]:
+    """The RayService manifest, and its Serve config (serveConfigV2, itself YAML in a string)."""
+    manifest = yaml.safe_load(RAYSERVICE.read_text())
+    return manifest, yaml.safe_load(manifest["spec"]["serveConfigV2"])
+
+
+def ray_containers(manifest: dict) -> list[dict]:
+    cluster = manifest["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]] + [group["template"] for group in cluster["workerGroupSpecs"]]
+    return [container for pod in pods for container in pod["spec"]["containers"]]
+
+
+def test_the_rayservice_runs_our_app_at_the_request_apis_path():
+    import handlers.ray_serve as ray_serve
+
+    _, serve_config = rayservice()
+    [app] = serve_config["applications"]
+    module, attribute = app["import_path"].split(":")
+    assert module == ray_serve.__name__ and callable(getattr(ray_serve, attribute))
+    args = ray_serve.AppArgs(**app["args"])  # the builder's own argument model refuses unknown keys
+    assert app["route_prefix"] == f"/predictions/{args.model_name}"
+    assert [deployment["name"] for deployment in app["deployments"]] == [args.model_name]  # build_app's name
+
+
+def test_the_rayservice_autoscales_on_queue_length_with_valid_settings():
+    from ray.serve.config import AutoscalingConfig
+
+    _, serve_config = rayservice()
+    [deployment] = serve_config["applications"][0]["deployments"]
+    autoscaling = AutoscalingConfig(**deployment["autoscaling_config"])
+    assert autoscaling.target_ongoing_requests and autoscaling.max_replicas > autoscaling.min_replicas
+
+
+def test_the_rayservice_serves_the_port_its_containers_expose_and_mounts_the_archive():
+    manifest, serve_config = rayservice()
+    port = serve_config["http_options"]["port"]
+    source = serve_config["applications"][0]["args"]["source"]
+    for container in ray_containers(manifest):
+        assert port in [entry["containerPort"] for entry in container["ports"]], container["name"]
+        mounts = [mount["mountPath"] for mount in container["volumeMounts"]]
+        assert any(source.startswith(mount.rstrip("/") + "/") for mount in mounts), container["name"]
+
+
+def test_the_rayservice_runs_the_ray_we_test_in_the_image_built_with_the_ray_extra():
+    manifest, serve_config = rayservice()
+    pinned = re.search(r"^ray==(\S+)$", (REPO_ROOT / "constraints.txt").read_text(), re.MULTILINE).group(1)
+    assert manifest["spec"]["rayClusterConfig"]["rayVersion"] == pinned
+    dockerfile = (REPO_ROOT / "docker" / "Dockerfile").read_text()
+    assert "ARG EXTRAS=" in dockerfile and "${EXTRAS:+[$EXTRAS]}" in dockerfile
+    for container in ray_containers(manifest):
+        image = container["image"].split(":")[0]
+        assert f"-t {image}:" in dockerfile and "--build-arg EXTRAS=ray" in dockerfile, image
+    gpus = serve_config["applications"][0]["deployments"][0]["ray_actor_options"]["num_gpus"]
+    workers = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert all(gpus <= group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] for group in workers)

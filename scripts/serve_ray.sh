@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Bring up a local Ray cluster and the Ray Serve app with the default model, and save one answer as a PNG:
+# the same request API as serve.sh's TorchServe, on 127.0.0.1:8000 (Ray Serve's default) at the same path.
+# Safe to run again: it stops whichever engine is running and rebuilds the archive.
+#   MODEL_SOURCE=stable-diffusion-v1-5/stable-diffusion-v1-5 scripts/serve_ray.sh   # a real model (needs internet)
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+cd "$REPO_ROOT"
+
+MODEL_SOURCE="${MODEL_SOURCE:-digits}"
+PROMPT="${PROMPT:-digit 3}"
+
+ensure_venv ray
+export PATH="$VENV/bin:$PATH" RAY_USAGE_STATS_ENABLED=0
+
+scripts/stop.sh
+
+echo "==> building model-store/stable_diffusion.mar from '$MODEL_SOURCE'"
+# The same archive TorchServe serves: Ray Serve reads its handler: section and batch settings.
+python -m archiver build --source "$MODEL_SOURCE" --model-name stable_diffusion --batch-size 4 --force ${BUILD_ARGS:-}
+
+echo "==> starting a local Ray cluster (head node on 127.0.0.1) and the app"
+ray start --head --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 --disable-usage-stats >/dev/null
+python -m handlers.ray_serve --source model-store/stable_diffusion.mar --model-name stable_diffusion
+
+mkdir -p outputs
+python scripts/query.py "$PROMPT" --seed 3 --url http://127.0.0.1:8000 --out outputs/sample.png
+
+cat <<USAGE
+
+Ray Serve is serving 'stable_diffusion' on 127.0.0.1:8000 (no token: put authentication in front of it,
+see README "Ray Serve"). Next:
+  curl -X POST http://127.0.0.1:8000/predictions/stable_diffusion \\
+       -H "Content-Type: text/plain" -H "Accept: image/png" -d "digit 7" -o seven.png
+  python scripts/query.py "digit 5" --url http://127.0.0.1:8000 --out five.png
+  ray status; serve status
+  scripts/stop.sh
+USAGE
