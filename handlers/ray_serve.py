@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from handlers.core.archive import unpack_once
 from handlers.core.codecs import NDJSON, progress_line
 from handlers.core.config import HandlerConfig, load_handler_config
-from handlers.core.errors import RequestError
+from handlers.core.errors import PayloadTooLarge, RequestError
 from handlers.core.metrics import MetricEvent
 from handlers.core.request import GenerationRequest, body_fields, form_fields, request_fields
 from handlers.core.service import Answer, DiffusionService
@@ -38,6 +38,8 @@ DEFAULT_MODEL_NAME = "stable_diffusion"
 MODEL_CONFIG = "model-config.yaml"
 METRICS = Path(__file__).with_name("metrics.yaml")
 REQUEST_TIMEOUT_S = 660
+# TorchServe's default max_request_size: a body is read only up to it, on either engine.
+MAX_REQUEST_BYTES = 6_553_500
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
@@ -89,19 +91,18 @@ class Pending:
     max_ongoing_requests=16,
     # Replicas follow the queue: each is asked to hold about one batch in flight.
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
-    ray_actor_options={"num_cpus": 1},
 )
 class DiffusionDeployment:
     """One replica: the core's DiffusionService, fed by Ray Serve's batches."""
 
-    def __init__(self, source: str, model_name: str = DEFAULT_MODEL_NAME):
+    def __init__(self, source: str, model_name: str = DEFAULT_MODEL_NAME, max_request_bytes: int = MAX_REQUEST_BYTES):
         # The core logs at INFO (loading, warm-up, each batch's size), as a TorchServe worker's model_log does;
         # Ray keeps a replica's output with its worker's logs.
         core_log = logging.getLogger("handlers")
         core_log.setLevel(logging.INFO)
         core_log.addHandler(logging.StreamHandler())
         model = open_source(source)
-        self.model_name = model_name
+        self.model_name, self.max_request_bytes = model_name, max_request_bytes
         self.service = DiffusionService(model.model_dir, model.handler_config)
         self.generate_batch.set_max_batch_size(model.batch_size)
         self.generate_batch.set_batch_wait_timeout_s(model.batch_delay_s)
@@ -113,23 +114,42 @@ class DiffusionDeployment:
     async def __call__(self, http: Request) -> Response:
         request_id = http.headers.get("x-request-id", "")
         content_type = http.headers.get("content-type", "")
-        if content_type.startswith(FORM_TYPES):
-            try:
-                form = {key: await value.read() if hasattr(value, "read") else value
-                        for key, value in (await http.form()).multi_items()}
-            except Exception:  # noqa: BLE001 - a form the parser cannot read is this request's error
-                return self._respond(RequestError("the form body could not be read", field="body"))
-            fields = lambda: request_fields(form_fields(form))  # noqa: E731
-        else:
-            body = await http.body()
-            fields = lambda: request_fields(body_fields(body, content_type))  # noqa: E731
+        try:
+            fields = await self._fields(http, content_type)
+        except RequestError as error:
+            return self._respond(error)
         request = self.service.read(fields, http.headers.get("accept"), request_id)
         if isinstance(request, RequestError):
             return self._respond(request)
         if request.stream:
             pending = Pending(request, asyncio.Queue())
             return StreamingResponse(self._stream(pending, request_id), media_type=NDJSON)
-        return self._respond(self.service.encode(await self.generate_batch(Pending(request)), request_id))
+        outcome = await self.generate_batch(Pending(request))
+        # Encoding is CPU work: off the event loop, which keeps taking requests.
+        return self._respond(await asyncio.to_thread(self.service.encode, outcome, request_id))
+
+    async def _fields(self, http: Request, content_type: str):
+        """The request's fields, read lazily by the service; the body is read only up to max_request_bytes."""
+        declared = http.headers.get("content-length")
+        too_large = PayloadTooLarge(
+            f"the body is over this server's limit of {self.max_request_bytes} bytes",
+            field="body", allowed={"max_request_bytes": self.max_request_bytes},
+        )
+        if declared and declared.isdigit() and int(declared) > self.max_request_bytes:
+            raise too_large
+        if content_type.startswith(FORM_TYPES):
+            try:
+                form = {key: await value.read() if hasattr(value, "read") else value
+                        for key, value in (await http.form()).multi_items()}
+            except Exception:  # noqa: BLE001 - a form the parser cannot read is this request's error
+                raise RequestError("the form body could not be read", field="body") from None
+            return lambda: request_fields(form_fields(form))
+        body = bytearray()
+        async for chunk in http.stream():
+            body += chunk
+            if len(body) > self.max_request_bytes:
+                raise too_large
+        return lambda: request_fields(body_fields(bytes(body), content_type))
 
     async def _stream(self, pending: Pending, request_id: str):
         generation = asyncio.ensure_future(self.generate_batch(pending))
@@ -140,7 +160,7 @@ class DiffusionDeployment:
                 yield getter.result()
             else:
                 getter.cancel()
-        answer = self.service.encode(generation.result(), request_id)
+        answer = await asyncio.to_thread(self.service.encode, generation.result(), request_id)
         self._record(answer)
         yield answer.to_json() + "\n" if isinstance(answer, RequestError) else answer.body
 
@@ -187,11 +207,15 @@ class AppArgs(BaseModel):
     model_name: str = DEFAULT_MODEL_NAME
     replicas: int | None = Field(None, ge=1, description="a fixed number of replicas; default: scale on queue length")
     max_replicas_per_node: int | None = Field(None, ge=1, description="1 spreads the replicas, one per node")
+    # Ray sets a replica's OMP_NUM_THREADS to its CPUs, so on a CPU node this is also torch's thread count.
+    num_cpus: float = Field(1, gt=0, description="CPUs each replica reserves")
+    num_gpus: float = Field(0, ge=0, description="GPUs each replica reserves")
 
 
 def build_app(args: AppArgs) -> Application:
     """The Ray Serve application (import path handlers.ray_serve:build_app)."""
     options = {"num_replicas": args.replicas, "autoscaling_config": None} if args.replicas else {}
+    options["ray_actor_options"] = {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus}
     if args.max_replicas_per_node:
         options["max_replicas_per_node"] = args.max_replicas_per_node
     return DiffusionDeployment.options(name=args.model_name, **options).bind(args.source, args.model_name)
@@ -205,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--replicas", type=int, help="a fixed number of replicas (default: scale on queue length)")
     parser.add_argument("--max-replicas-per-node", type=int, help="spread replicas over nodes (1: one per node)")
+    parser.add_argument("--num-cpus", type=float, default=1, help="CPUs each replica reserves (default: 1)")
+    parser.add_argument("--num-gpus", type=float, default=0, help="GPUs each replica reserves (default: 0)")
     parser.add_argument("--address", default="auto", help="the Ray cluster to join (default: the one ray start began)")
     args = parser.parse_args(argv)
     import ray
@@ -214,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": REQUEST_TIMEOUT_S})
     serve.run(
         build_app(AppArgs(source=args.source, model_name=args.model_name, replicas=args.replicas,
-                          max_replicas_per_node=args.max_replicas_per_node)),
+                          max_replicas_per_node=args.max_replicas_per_node, num_cpus=args.num_cpus,
+                          num_gpus=args.num_gpus)),
         name=args.model_name,
         route_prefix=f"/predictions/{args.model_name}",
     )

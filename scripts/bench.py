@@ -40,6 +40,7 @@ from archiver.cli import main as archiver_main  # noqa: E402
 from tests.harness.torchserve import TorchServe  # noqa: E402
 from archiver.tiny import build_tiny_pipeline  # noqa: E402
 import bentoml_bench  # noqa: E402  (beside this script)
+import ray_bench  # noqa: E402  (beside this script)
 import cold_start_bench  # noqa: E402
 import gpu_bench  # noqa: E402
 from handlers.core.codecs import encode_response  # noqa: E402
@@ -725,6 +726,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="only the speed settings against digits accuracy (about 5 minutes on 2 CPU cores)")
     mode.add_argument("--bentoml", action="store_true",
                       help="only ours against BentoML: digits, then tiny SD at 256x256 and 512x512 (about 10 minutes)")
+    mode.add_argument("--engine", choices=["ray"],
+                      help="only Ray Serve against TorchServe on the digits model (a few minutes; needs root)")
     mode.add_argument("--batch-delay", action="store_true",
                       help="only the maxBatchDelay sweep on serve.sh's archive (a few minutes on 2 CPU cores)")
     mode.add_argument("--cold-start", action="store_true",
@@ -751,6 +754,12 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "cold-start.json").write_text(json.dumps(results, indent=2))
         print("\n".join(cold_start_bench.markdown(results)))
+        return 0
+    if args.engine == "ray":
+        results = in_workdir(lambda workdir: ray_bench.measure(workdir, run_load, log))
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "ray.json").write_text(json.dumps(results, indent=2))
+        print("\n".join(ray_bench.markdown(results)))
         return 0
     if args.batch_delay:
         results = in_workdir(lambda workdir: measure_batch_delay(workdir, count=20))

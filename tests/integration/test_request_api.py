@@ -200,3 +200,8 @@ def test_query_script_exposes_every_parameter(server, tmp_path):
     assert [path.name for path in saved] == ["out-1.jpeg", "out-2.jpeg", "out-3.jpeg", "out-4.jpeg"]
     assert all(open_image(path.read_bytes()).size == (80, 64) for path in saved)
     assert "seeds 11, 12, 13, 14" in result.stdout
+
+
+def test_a_body_over_the_request_size_limit_is_refused_with_413(server):
+    response = server.predict(TINY, data=b"x" * 7_000_000, headers={"Content-Type": "text/plain"})
+    assert response.status_code == 413
