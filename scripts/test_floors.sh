@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The unit tests on the oldest versions pyproject.toml admits: every floor (`>=X`) is installed as
 # `==X` into .venv-floors (torch's floor from PyPI is a CUDA build, several GB). CI runs this after
-# scripts/test.sh. Arguments pass through to pytest (default: tests/unit).
+# scripts/test.sh. Arguments pass through to pytest (default: tests/unit); --install-only installs and stops.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$REPO_ROOT"
@@ -18,12 +18,17 @@ if [ ! -f "$stamp" ]; then
     python3 scripts/floors.py test > "$FLOORS_VENV/floors.txt"
     echo "==> installing the floors into $FLOORS_VENV: $(paste -sd ' ' "$FLOORS_VENV/floors.txt")"
     "$FLOORS_PYTHON" -m pip install --quiet --upgrade pip
-    "$FLOORS_PYTHON" -m pip install --quiet -c "$FLOORS_VENV/floors.txt" -e "$REPO_ROOT[test]"
+    # The dependencies alone, each at its floor; the tests import this checkout (PYTHONPATH below), so this
+    # install never writes into the source tree while scripts/test.sh installs from it.
+    "$FLOORS_PYTHON" -m pip install --quiet -r "$FLOORS_VENV/floors.txt"
     touch "$stamp"
+fi
+if [ "${1:-}" = "--install-only" ]; then
+    exit 0
 fi
 "$FLOORS_PYTHON" - <<'PY'
 import diffusers, huggingface_hub, torch, transformers
 print(f"==> on the floors: torch {torch.__version__}, diffusers {diffusers.__version__}, "
       f"transformers {transformers.__version__}, huggingface_hub {huggingface_hub.__version__}")
 PY
-exec "$FLOORS_PYTHON" -m pytest -p no:cacheprovider "${@:-tests/unit}"
+PYTHONPATH="$REPO_ROOT" exec "$FLOORS_PYTHON" -m pytest -p no:cacheprovider "${@:-tests/unit}"

@@ -14,12 +14,12 @@ import pytest
 from PIL import Image
 
 from tests.harness.torchserve import REPO_ROOT, TorchServe
-from tests.integration.conftest import DEFAULTS, ENGINES, TINY, serving, worker_log
+from tests.integration.conftest import ENGINES, TINY, serving, worker_log
 
 
 @pytest.fixture(scope="module", params=ENGINES)
 def server(request, tmp_path_factory, model_store):
-    archives = {TINY: f"{TINY}.mar", DEFAULTS: f"{DEFAULTS}.mar"}
+    archives = {TINY: f"{TINY}.mar"}
     with serving(request.param, tmp_path_factory.mktemp(request.param), model_store, archives) as server:
         yield server
 
