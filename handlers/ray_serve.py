@@ -1,6 +1,9 @@
 """Ray Serve's adapter over the core: the same request API as the TorchServe handler (fields, defaults,
-responses, Content-Types, error bodies, streaming), served by a Ray Serve deployment at
-/predictions/<model name> on 127.0.0.1:8000.
+responses, Content-Types, error bodies, streaming), served at /predictions/<model name> on 127.0.0.1:8000.
+
+Two deployments: a light HTTP ingress that reads bodies, and the model's replicas, which run the core.
+The ingress is what lets a request outlive the replica it was sent to: when that replica's process dies,
+the ingress sends the request once more, to another replica.
 
     python -m handlers.ray_serve --source model-store/stable_diffusion.mar   # or a directory, hub id, built-in
 
@@ -19,16 +22,18 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from handlers.core.archive import unpack_once
 from handlers.core.codecs import NDJSON, progress_line
 from handlers.core.config import HandlerConfig, load_handler_config
 from handlers.core.errors import PayloadTooLarge, RequestError
-from handlers.core.metrics import MetricEvent
+from handlers.core.metrics import MetricEvent, error_events
 from handlers.core.request import GenerationRequest, body_fields, form_fields, request_fields
 from handlers.core.service import Answer, DiffusionService
 
@@ -41,6 +46,9 @@ REQUEST_TIMEOUT_S = 660
 # TorchServe's default max_request_size: a body is read only up to it, on either engine.
 MAX_REQUEST_BYTES = 6_553_500
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+# A request whose replica died goes to one more: a second death may be the request's own doing, and a
+# third replica is not worth risking on it.
+ATTEMPTS = 2
 
 
 @dataclass
@@ -79,12 +87,77 @@ def open_source(source: str, unpack_root: Path | None = None) -> ModelSource:
     return ModelSource(resolve_source(source, Path(tempfile.mkdtemp(prefix="diffusers-ray-"))))
 
 
+def log_to_worker_output() -> None:
+    """Our modules log at INFO (loading, warm-up, each batch's size, retries), as a TorchServe worker's
+    model_log has it; Ray keeps a replica's output with its worker's logs."""
+    handlers_log = logging.getLogger("handlers")
+    handlers_log.setLevel(logging.INFO)
+    handlers_log.addHandler(logging.StreamHandler())
+
+
+class ReplicaDied(RequestError):
+    """The replica generating this request stopped, and so did the one it was sent to next."""
+
+    status = 503
+    kind = "replica_died"
+
+
+@dataclass
+class Incoming:
+    """What the ingress read from an HTTP request: the body, or the form's parts, and the headers that matter."""
+
+    content_type: str
+    accept: str | None
+    request_id: str
+    body: bytes = b""
+    form: dict | None = None
+
+    def fields(self):
+        """The request's fields, read lazily by the service."""
+        if self.form is not None:
+            return lambda: request_fields(form_fields(self.form))
+        return lambda: request_fields(body_fields(self.body, self.content_type))
+
+
+@dataclass
+class Reply:
+    """A replica's answer to the ingress; body is None when progress lines and the answer follow it."""
+
+    status: int
+    content_type: str
+    headers: dict = field(default_factory=dict)
+    body: bytes | None = None
+
+    @classmethod
+    def of_error(cls, error: RequestError) -> "Reply":
+        return cls(error.status, "application/json", body=error.to_json().encode())
+
+    def response(self) -> Response:
+        return Response(self.body, status_code=self.status, media_type=self.content_type, headers=self.headers)
+
+
 @dataclass
 class Pending:
     """One request waiting in a batch, and where its progress lines go when it streams."""
 
     request: GenerationRequest | RequestError
     progress: asyncio.Queue | None = None
+
+
+class Metrics:
+    """The metrics TorchServe's adapter declares, with the same names and dimensions, as Ray counters."""
+
+    def __init__(self):
+        declared = [spec for specs in yaml.safe_load(METRICS.read_text())["model_metrics"].values() for spec in specs]
+        self.dimensions = {spec["name"]: tuple(spec["dimensions"]) for spec in declared}
+        self.counters = {name: Counter(name, tag_keys=dimensions) for name, dimensions in self.dimensions.items()}
+
+    def record(self, events: list[MetricEvent]) -> None:
+        try:
+            for event in events:
+                self.counters[event.name].inc(event.value, tags=dict(zip(self.dimensions[event.name], event.labels)))
+        except Exception:  # noqa: BLE001 - a metric is never worth an answer
+            logger.exception("recording metrics failed")
 
 
 @serve.deployment(
@@ -95,63 +168,28 @@ class Pending:
 class DiffusionDeployment:
     """One replica: the core's DiffusionService, fed by Ray Serve's batches."""
 
-    def __init__(self, source: str, model_name: str = DEFAULT_MODEL_NAME, max_request_bytes: int = MAX_REQUEST_BYTES):
-        # The core logs at INFO (loading, warm-up, each batch's size), as a TorchServe worker's model_log does;
-        # Ray keeps a replica's output with its worker's logs.
-        core_log = logging.getLogger("handlers")
-        core_log.setLevel(logging.INFO)
-        core_log.addHandler(logging.StreamHandler())
+    def __init__(self, source: str, model_name: str = DEFAULT_MODEL_NAME):
+        log_to_worker_output()
         model = open_source(source)
-        self.model_name, self.max_request_bytes = model_name, max_request_bytes
+        self.model_name = model_name
         self.service = DiffusionService(model.model_dir, model.handler_config)
         self.generate_batch.set_max_batch_size(model.batch_size)
         self.generate_batch.set_batch_wait_timeout_s(model.batch_delay_s)
-        # The metrics TorchServe's adapter declares, with the same names and dimensions.
-        declared = [spec for specs in yaml.safe_load(METRICS.read_text())["model_metrics"].values() for spec in specs]
-        self.dimensions = {spec["name"]: tuple(spec["dimensions"]) for spec in declared}
-        self.counters = {name: Counter(name, tag_keys=dimensions) for name, dimensions in self.dimensions.items()}
+        self.metrics = Metrics()
 
-    async def __call__(self, http: Request) -> Response:
-        request_id = http.headers.get("x-request-id", "")
-        content_type = http.headers.get("content-type", "")
-        try:
-            fields = await self._fields(http, content_type)
-        except RequestError as error:
-            return self._respond(error)
-        request = self.service.read(fields, http.headers.get("accept"), request_id)
+    async def answer(self, incoming: Incoming):
+        """The reply to one request; a streaming request's reply is followed by its progress lines and answer."""
+        request = self.service.read(incoming.fields(), incoming.accept, incoming.request_id)
         if isinstance(request, RequestError):
-            return self._respond(request)
-        if request.stream:
-            pending = Pending(request, asyncio.Queue())
-            return StreamingResponse(self._stream(pending, request_id), media_type=NDJSON)
-        outcome = await self.generate_batch(Pending(request))
-        # Encoding is CPU work: off the event loop, which keeps taking requests.
-        return self._respond(await asyncio.to_thread(self.service.encode, outcome, request_id))
-
-    async def _fields(self, http: Request, content_type: str):
-        """The request's fields, read lazily by the service; the body is read only up to max_request_bytes."""
-        declared = http.headers.get("content-length")
-        too_large = PayloadTooLarge(
-            f"the body is over this server's limit of {self.max_request_bytes} bytes",
-            field="body", allowed={"max_request_bytes": self.max_request_bytes},
-        )
-        if declared and declared.isdigit() and int(declared) > self.max_request_bytes:
-            raise too_large
-        if content_type.startswith(FORM_TYPES):
-            try:
-                form = {key: await value.read() if hasattr(value, "read") else value
-                        for key, value in (await http.form()).multi_items()}
-            except Exception:  # noqa: BLE001 - a form the parser cannot read is this request's error
-                raise RequestError("the form body could not be read", field="body") from None
-            return lambda: request_fields(form_fields(form))
-        body = bytearray()
-        async for chunk in http.stream():
-            body += chunk
-            if len(body) > self.max_request_bytes:
-                raise too_large
-        return lambda: request_fields(body_fields(bytes(body), content_type))
-
-    async def _stream(self, pending: Pending, request_id: str):
+            yield self._reply(request)
+            return
+        if not request.stream:
+            outcome = await self.generate_batch(Pending(request))
+            # Encoding is CPU work: off the event loop, which keeps taking requests.
+            yield self._reply(await asyncio.to_thread(self.service.encode, outcome, incoming.request_id))
+            return
+        pending = Pending(request, asyncio.Queue())
+        yield Reply(200, NDJSON)
         generation = asyncio.ensure_future(self.generate_batch(pending))
         while not (generation.done() and pending.progress.empty()):
             getter = asyncio.ensure_future(pending.progress.get())
@@ -160,8 +198,8 @@ class DiffusionDeployment:
                 yield getter.result()
             else:
                 getter.cancel()
-        answer = await asyncio.to_thread(self.service.encode, generation.result(), request_id)
-        self._record(answer)
+        answer = await asyncio.to_thread(self.service.encode, generation.result(), incoming.request_id)
+        self.metrics.record(self.service.metric_events(answer, self.model_name))
         yield answer.to_json() + "\n" if isinstance(answer, RequestError) else answer.body
 
     @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.001)
@@ -180,22 +218,80 @@ class DiffusionDeployment:
             self.service.generate, [pending.request for pending in batch], on_step if streaming else None
         )
 
-    def _respond(self, answer: Answer | RequestError) -> Response:
-        self._record(answer)
+    def _reply(self, answer: Answer | RequestError) -> Reply:
+        self.metrics.record(self.service.metric_events(answer, self.model_name))
         if isinstance(answer, RequestError):
-            return JSONResponse(answer.to_dict(), status_code=answer.status)
-        return Response(answer.body, media_type=answer.content_type, headers=answer.headers)
+            return Reply.of_error(answer)
+        return Reply(200, answer.content_type, answer.headers, answer.body)
 
-    def _record(self, answer: Answer | RequestError) -> None:
+
+# It holds requests while replicas generate, and runs no model: many requests at once, no CPU reserved.
+@serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
+class HttpIngress:
+    """Reads each HTTP request (up to max_request_bytes) and hands it to a model replica."""
+
+    def __init__(self, model: DeploymentHandle, model_name: str = DEFAULT_MODEL_NAME,
+                 max_request_bytes: int = MAX_REQUEST_BYTES):
+        log_to_worker_output()
+        self.model = model.options(stream=True)
+        self.model_name, self.max_request_bytes = model_name, max_request_bytes
+        self.metrics = Metrics()
+
+    async def __call__(self, http: Request) -> Response:
         try:
-            for event in self.service.metric_events(answer, self.model_name):
-                self._count(event)
-        except Exception:  # noqa: BLE001 - a metric is never worth an answer
-            logger.exception("recording metrics failed")
+            incoming = await self._read(http)
+        except RequestError as error:
+            self.metrics.record(error_events(error, self.model_name))
+            return Reply.of_error(error).response()
+        for attempt in range(1, ATTEMPTS + 1):
+            replies = self.model.answer.remote(incoming)
+            try:
+                reply = await replies.__anext__()
+                break
+            except RayActorError:
+                logger.warning("the replica answering %s died (attempt %d of %d)", incoming.request_id, attempt, ATTEMPTS)
+        else:
+            error = ReplicaDied(f"the replicas generating this request stopped, {ATTEMPTS} times; it was not answered")
+            self.metrics.record(error_events(error, self.model_name))
+            return Reply.of_error(error).response()
+        if reply.body is not None:
+            return reply.response()
+        return StreamingResponse(self._rest(replies), media_type=reply.content_type)
 
-    def _count(self, event: MetricEvent) -> None:
-        tags = dict(zip(self.dimensions[event.name], event.labels))
-        self.counters[event.name].inc(event.value, tags=tags)
+    async def _rest(self, replies):
+        """A stream's progress lines and answer; a replica that dies midway ends it with an error line."""
+        try:
+            async for line in replies:
+                yield line
+        except RayActorError:
+            error = ReplicaDied("the replica generating this request stopped while it streamed")
+            self.metrics.record(error_events(error, self.model_name))
+            yield error.to_json() + "\n"
+
+    async def _read(self, http: Request) -> Incoming:
+        headers = http.headers
+        incoming = Incoming(headers.get("content-type", ""), headers.get("accept"), headers.get("x-request-id", ""))
+        too_large = PayloadTooLarge(
+            f"the body is over this server's limit of {self.max_request_bytes} bytes",
+            field="body", allowed={"max_request_bytes": self.max_request_bytes},
+        )
+        declared = headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_request_bytes:
+            raise too_large
+        if incoming.content_type.startswith(FORM_TYPES):
+            try:
+                incoming.form = {key: await value.read() if hasattr(value, "read") else value
+                                 for key, value in (await http.form()).multi_items()}
+            except Exception:  # noqa: BLE001 - a form the parser cannot read is this request's error
+                raise RequestError("the form body could not be read", field="body") from None
+            return incoming
+        body = bytearray()
+        async for chunk in http.stream():
+            body += chunk
+            if len(body) > self.max_request_bytes:
+                raise too_large
+        incoming.body = bytes(body)
+        return incoming
 
 
 class AppArgs(BaseModel):
@@ -213,12 +309,16 @@ class AppArgs(BaseModel):
 
 
 def build_app(args: AppArgs) -> Application:
-    """The Ray Serve application (import path handlers.ray_serve:build_app)."""
+    """The Ray Serve application (import path handlers.ray_serve:build_app): the ingress, and the model's
+    replicas in a deployment named after the model."""
     options = {"num_replicas": args.replicas, "autoscaling_config": None} if args.replicas else {}
-    options["ray_actor_options"] = {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus}
-    if args.max_replicas_per_node:
-        options["max_replicas_per_node"] = args.max_replicas_per_node
-    return DiffusionDeployment.options(name=args.model_name, **options).bind(args.source, args.model_name)
+    spread = {"max_replicas_per_node": args.max_replicas_per_node} if args.max_replicas_per_node else {}
+    model = DiffusionDeployment.options(
+        name=args.model_name, ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
+        **options, **spread,
+    ).bind(args.source, args.model_name)
+    # As many ingresses as model replicas when they are fixed, spread alike; one holds many requests.
+    return HttpIngress.options(num_replicas=args.replicas or 1, **spread).bind(model, args.model_name)
 
 
 def main(argv: list[str] | None = None) -> int:

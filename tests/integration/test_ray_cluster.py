@@ -19,7 +19,7 @@ from ray.util.state import list_actors
 labels = {node["NodeID"]: next(label for label in ("head_node", "second_node") if label in node["Resources"])
           for node in ray.nodes() if node["Alive"]}
 result = sorted((labels[actor.node_id], actor.pid) for actor in list_actors(filters=[("state", "=", "ALIVE")])
-                if actor.class_name.startswith("ServeReplica"))
+                if actor.class_name == "ServeReplica:%s:%s")
 """
 
 
@@ -33,7 +33,7 @@ def cluster(tmp_path_factory, model_store):
 
 def replicas(cluster) -> list[tuple[str, int]]:
     """(node label, pid) of each live replica."""
-    return [tuple(replica) for replica in cluster.state(REPLICAS)]
+    return [tuple(replica) for replica in cluster.state(REPLICAS % (TINY, TINY))]
 
 
 def served_batches(cluster, pid: int) -> int:
@@ -60,14 +60,16 @@ def test_a_killed_replica_is_replaced_and_requests_keep_being_answered(cluster):
     victim_node, victim = before[1]
     statuses, stop = [], threading.Event()
 
-    def keep_asking():
+    def keep_asking(client: int):
         while not stop.is_set():
-            statuses.append(cluster.predict(TINY, json={"prompt": "digit 4", "seed": 4}).status_code)
+            statuses.append(cluster.predict(TINY, json={"prompt": f"digit {client}", "seed": client}).status_code)
 
-    client = threading.Thread(target=keep_asking)
-    client.start()
+    # Four clients keep both replicas busy, so that the kill lands on requests in flight.
+    clients = [threading.Thread(target=keep_asking, args=(client,)) for client in range(4)]
+    for client in clients:
+        client.start()
     try:
-        time.sleep(2)
+        time.sleep(3)
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -78,9 +80,12 @@ def test_a_killed_replica_is_replaced_and_requests_keep_being_answered(cluster):
         time.sleep(3)  # requests go on against the replaced replica set
     finally:
         stop.set()
-        client.join(timeout=330)
+        for client in clients:
+            client.join(timeout=330)
     after = replicas(cluster)
-    print(f"replicas before {before}, after {after}; {len(statuses)} requests: {sorted(set(statuses))}")
+    resent = cluster.replica_log().count("died (attempt 1 of 2)")
+    print(f"replicas before {before}, after {after}; {len(statuses)} requests: {sorted(set(statuses))}; {resent} resent")
     assert len(after) == 2 and victim not in {pid for _, pid in after}
     assert victim_node in {label for label, _ in after}  # one per node: the new replica took the dead one's place
-    assert statuses and all(status == 200 for status in statuses)
+    assert resent > 0, "the kill hit no request in flight, so this run shows nothing about them"
+    assert statuses and all(status == 200 for status in statuses)  # those in flight went to the other replica
