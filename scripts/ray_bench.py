@@ -1,20 +1,24 @@
 """Ray Serve against TorchServe, on the same model and machine, in one run (`scripts/bench.py --engine ray`):
 the shipped digits model at its native 64x64, 25 steps, batchSize 4, one TorchServe worker against one
-Ray Serve replica with the machine's CPUs.
+Ray Serve replica with the machine's CPUs, both running, measured in alternating rounds (medians of 3).
 
   latency     p50 / p95 at concurrency 1 and 8
   throughput  requests per second at concurrency 1 and 8
   start       from starting the engine until the model answers (TorchServe: READY; Ray: `ray start`
               and the app's deployment)
-  memory      PSS and RSS of the TorchServe worker and of the Ray Serve replica
+  memory      PSS and RSS of the TorchServe worker and of the Ray Serve replica; PSS of each engine as
+              a whole (TorchServe: the Java frontend and the worker; Ray: every process of the cluster,
+              its HTTP proxy, controller, HTTP ingress, raylet and GCS included)
 
-Target: Ray's overhead over TorchServe at concurrency 8 (TorchServe's throughput over Ray's, minus 1)
-at most 10 %. Ray runs in a loopback-only network namespace (tests/harness/ray_cluster.py), so this
+Target: Ray's overhead over TorchServe at concurrency 8 (TorchServe's throughput over Ray's, minus 1,
+in each round; the median of the rounds) at most 10 %. Ray runs in a loopback-only network namespace (tests/harness/ray_cluster.py), so this
 needs root.
 """
 
 import os
+import statistics
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import psutil
@@ -25,6 +29,8 @@ from tests.harness.torchserve import TorchServe
 
 MODEL = "digits"
 CONCURRENCIES = (1, 8)
+COUNTS = {1: 16, 8: 32}  # requests per round
+ROUNDS = 3
 TARGET_OVERHEAD = 0.10
 
 
@@ -37,38 +43,47 @@ def memory(processes: list[psutil.Process]) -> dict:
     return {"pss_bytes": sum(item.pss for item in info), "rss_bytes": sum(item.rss for item in info)}
 
 
-def measure_engine(server, processes, run_load, count: int, log) -> dict:
-    figures = {}
-    for concurrency in CONCURRENCIES:
-        run_load(server, MODEL, concurrency, 2 * concurrency, body)  # warm
-        load = run_load(server, MODEL, concurrency, count, body)
-        for key, value in load.items():
-            figures[f"{key}_c{concurrency}"] = value
-        log(f"  c={concurrency}: p50 {load['p50_s']:.3f} s, p95 {load['p95_s']:.3f} s, {load['throughput_rps']:.2f} req/s")
-    figures.update(memory(processes()))
-    return figures
-
-
-def measure(workdir: Path, run_load, log, count: int = 40) -> dict:
+def measure(workdir: Path, run_load, log, rounds: int = ROUNDS) -> dict:
+    """Both engines run side by side, idle but for the one measured; rounds alternate between them so
+    that the machine's drift (this 2-core VM's speed varies by 20 % from minute to minute) falls on both."""
     store = workdir / "store"
     assert archiver_main(["build", "--source", "digits", "--model-name", MODEL, "--export-path", str(store),
                           "--batch-size", "4"]) == 0
-    results = {}
-    log("TorchServe: one worker")
-    started = time.perf_counter()
-    with TorchServe(workdir / "torchserve", store, {MODEL: f"{MODEL}.mar"}) as torchserve:
-        results["torchserve"] = {"start_s": time.perf_counter() - started}
-        results["torchserve"].update(measure_engine(torchserve, torchserve.workers, run_load, count, log))
-    log("Ray Serve: one replica")
-    started = time.perf_counter()
     cpus = os.cpu_count()
-    with RayServeCluster(workdir / "ray", {MODEL: store / f"{MODEL}.mar"}, cpus_per_node=cpus,
-                         deploy_options=("--num-cpus", str(cpus))) as cluster:
-        results["ray"] = {"start_s": time.perf_counter() - started}
-        replicas = lambda: [p for p in cluster.processes() if p.name().startswith("ray::ServeReplica")]  # noqa: E731
-        results["ray"].update(measure_engine(cluster, replicas, run_load, count, log))
-    ours, ray = results["torchserve"], results["ray"]
-    results["ray_overhead_c8"] = ours["throughput_rps_c8"] / ray["throughput_rps_c8"] - 1
+    with ExitStack() as stack:
+        started = time.perf_counter()
+        torchserve = stack.enter_context(TorchServe(workdir / "torchserve", store, {MODEL: f"{MODEL}.mar"}))
+        ts_start = time.perf_counter() - started
+        started = time.perf_counter()
+        cluster = stack.enter_context(RayServeCluster(workdir / "ray", {MODEL: store / f"{MODEL}.mar"},
+                                                      cpus_per_node=cpus, deploy_options=("--num-cpus", str(cpus))))
+        ray_start = time.perf_counter() - started
+        # The model's replicas are the deployment named after the model (handlers/ray_serve.py's build_app).
+        replicas = lambda: [p for p in cluster.processes() if p.name() == f"ray::ServeReplica:{MODEL}:{MODEL}"]  # noqa: E731
+        engines = {"torchserve": (torchserve, torchserve.workers, torchserve.processes),
+                   "ray": (cluster, replicas, cluster.processes)}
+        loads = {name: {concurrency: [] for concurrency in CONCURRENCIES} for name in engines}
+        for server, _, _ in engines.values():
+            for concurrency in CONCURRENCIES:
+                run_load(server, MODEL, concurrency, 2 * concurrency, body)  # warm
+        for round_number in range(1, rounds + 1):
+            for concurrency in CONCURRENCIES:
+                for name, (server, _, _) in engines.items():
+                    load = run_load(server, MODEL, concurrency, COUNTS[concurrency], body)
+                    loads[name][concurrency].append(load)
+                    log(f"round {round_number}, {name}, c={concurrency}: p50 {load['p50_s']:.3f} s, "
+                        f"p95 {load['p95_s']:.3f} s, {load['throughput_rps']:.2f} req/s")
+        results = {"torchserve": {"start_s": ts_start}, "ray": {"start_s": ray_start}}
+        for name, (_, processes, engine_processes) in engines.items():
+            for concurrency, runs in loads[name].items():
+                for key in runs[0]:
+                    results[name][f"{key}_c{concurrency}"] = statistics.median(run[key] for run in runs)
+            results[name].update(memory(processes()))
+            results[name]["engine_pss_bytes"] = memory(engine_processes())["pss_bytes"]
+    # Each round's engines ran a minute apart at most: their ratio is the comparison, its median the result.
+    results["ray_overhead_c8"] = statistics.median(
+        ours["throughput_rps"] / ray["throughput_rps"] - 1 for ours, ray in zip(loads["torchserve"][8], loads["ray"][8])
+    )
     return results
 
 
@@ -80,8 +95,10 @@ def markdown(results: dict) -> list[str]:
         ("throughput, c=1", "throughput_rps_c1", "req/s"), ("throughput, c=8", "throughput_rps_c8", "req/s"),
         ("start to answering", "start_s", "s"),
         ("memory per worker / replica (PSS)", "pss_bytes", "GiB"), ("memory per worker / replica (RSS)", "rss_bytes", "GiB"),
+        ("memory of the whole engine (PSS)", "engine_pss_bytes", "GiB"),
     ]
-    lines = ["| digits, 64x64, 25 steps | TorchServe | Ray Serve | Ray / TorchServe |", "|---|---|---|---|"]
+    lines = ["| digits, 64x64, 25 steps (medians of 3 alternating rounds) | TorchServe | Ray Serve | Ray / TorchServe |",
+             "|---|---|---|---|"]
     for label, key, unit in rows:
         scale = 2**30 if unit == "GiB" else 1
         a, b = ours[key] / scale, ray[key] / scale

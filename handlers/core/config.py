@@ -4,9 +4,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from handlers.core.schedulers import SCHEDULERS
+from handlers.core.samplers import SAMPLERS
 
-SchedulerName = Literal[tuple(SCHEDULERS)]
+SchedulerName = Literal[tuple(SAMPLERS)]
 OutputFormat = Literal["numpy", "png", "jpeg", "webp", "json"]
 TorchDtype = Literal["auto", "float32", "float16", "bfloat16"]
 Batching = Literal["auto", "combined", "per_request"]

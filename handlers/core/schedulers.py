@@ -1,36 +1,18 @@
 """Samplers by name, and the pipeline views (task x ControlNet x sampler) that share the loaded weights."""
 
+import diffusers
 from diffusers import (
     AutoPipelineForImage2Image,
     AutoPipelineForInpainting,
     AutoPipelineForText2Image,
-    DDIMScheduler,
-    DDPMScheduler,
     DiffusionPipeline,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-    UniPCMultistepScheduler,
 )
 
 from handlers.core.errors import RequestError
 from handlers.core.execution_device import pin_execution_device, pinned_device
+from handlers.core.samplers import SAMPLERS
 
-SCHEDULERS = {
-    "ddim": (DDIMScheduler, {}),
-    "pndm": (PNDMScheduler, {}),
-    "lms": (LMSDiscreteScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "heun": (HeunDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
-    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
-    "unipc": (UniPCMultistepScheduler, {}),
-    "ddpm": (DDPMScheduler, {}),
-}
+SCHEDULERS = {name: (getattr(diffusers, class_name), settings) for name, (class_name, settings) in SAMPLERS.items()}
 AUTO_PIPELINES = {
     "txt2img": AutoPipelineForText2Image,
     "img2img": AutoPipelineForImage2Image,

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from handlers.core.archive import locate_pipeline
 from handlers.core.codecs import answer_size_bound, encode_response, stream_result
 from handlers.core.config import HandlerConfig
@@ -64,7 +66,8 @@ class DiffusionService:
         dtype = resolve_dtype(config.torch_dtype, self.device)
         combine = resolve_batching(config.batching, self.device)
         allow_pickle = config.allow_pickle_weights
-        logger.info("loading %s on %s as %s (combined batches: %s)", pipeline_dir, self.device, dtype, combine)
+        logger.info("loading %s on %s as %s (combined batches: %s, %d CPU threads)", pipeline_dir, self.device, dtype,
+                    combine, torch.get_num_threads())
         without = {} if config.safety_checker or not ships_safety_checker(pipeline_dir) else {"safety_checker": None}
         self.pipeline = load_pipeline(pipeline_dir, dtype, allow_pickle, config.variant, **without)
         load_loras(self.pipeline, config.loras, pipeline_dir, allow_pickle)

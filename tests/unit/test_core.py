@@ -1,8 +1,11 @@
 """The core knows no server: every module of handlers/core imports with TorchServe (`ts`) and Ray absent,
 and imports neither. An engine's adapter (handlers/handler.py for TorchServe) sits beside it."""
 
+import importlib.util
 import subprocess
 import sys
+
+import pytest
 
 from archiver.build import REPO_ROOT
 
@@ -40,3 +43,14 @@ def test_the_check_fails_for_a_module_that_needs_torchserve():
     result = import_without_servers("handlers.handler")
     assert result.returncode != 0
     assert "ModuleNotFoundError" in result.stderr and "'ts" in result.stderr
+
+
+def test_rays_ingress_imports_neither_torch_nor_diffusers():
+    """Ray Serve's HTTP ingress runs in processes of its own, beside every replica: it reads bodies and
+    must not cost a model's imports (about 5 s and 0.5 GB)."""
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("the ray extra is not installed here, so there is no ingress to import")
+    code = "import sys, handlers.ray_serve; print(sorted(name for name in ('torch', 'diffusers') if name in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"
