@@ -5,7 +5,8 @@ format against the pytorch/serve example. `scripts/bench.py --cold-start` calls 
   build         `python -m archiver build` end to end (the example: zipping model.zip, then
                 torch-model-archiver), beside a plain copy of the pipeline directory (page cache warm)
   READY         TorchServe started until its worker is READY (our workers warm up inside that time)
-  first / warm  the first request after READY, and the median of three after it (256x256, 1 step)
+  first / warm  the first request after READY, and the median of three after it (256x256, 1 step); the
+                default format starts three times, and reports its median start
   memory        two workers of the default archive: each one's PSS and RSS, and how much the
                 machine's memory in use grew for the second
 
@@ -30,6 +31,9 @@ from gpu_bench import timed_predict
 
 SIZE, STEPS = 256, 1
 FORMATS = ("zip-store", "no-archive", "default")  # ours: the default first
+# The default format starts this many times: this VM's speed drifts by 20 % from minute to minute, and one
+# first request against its warm ones is one sample of that.
+DEFAULT_STARTS = 3
 TARGETS = {"build": "<= 1.5x the copy + 15 s", "ready": "<= 10 s", "first_over_warm": "<= 1.2x"}
 
 
@@ -109,6 +113,12 @@ def serve_once(workdir: Path, store: Path, name: str, requests_too: bool) -> dic
     return result
 
 
+def median_start(starts: list[dict]) -> dict:
+    """The start whose first request over its warm ones is the median, with the median time to READY."""
+    middle = sorted(starts, key=lambda start: start["first_s"] / start["warm_s"])[len(starts) // 2]
+    return {**middle, "ready_s": statistics.median(start["ready_s"] for start in starts)}
+
+
 def two_workers_memory(workdir: Path, store: Path, name: str) -> dict:
     server = TorchServe(workdir / f"ts-memory-{name}", store, {name: archive_file(store, name)}).start(timeout_s=900)
     try:
@@ -136,7 +146,9 @@ def measure(workdir: Path, models_dir: Path, log) -> dict:
     log(f"plain copy: {results['copy_s']:.1f} s")
     for archive_format in FORMATS:
         name, build_s = build_ours(pipeline_dir, store, archive_format)
-        case = {"build_s": build_s, **serve_once(workdir, store, name, requests_too=True)}
+        starts = [serve_once(workdir, store, name, requests_too=True)
+                  for _ in range(DEFAULT_STARTS if archive_format == FORMATS[0] else 1)]
+        case = {"build_s": build_s, **median_start(starts), "starts": starts}
         results["cases"][f"ours, {archive_format}"] = case
         log(f"ours, {archive_format}: {case}")
         if archive_format != FORMATS[0]:
@@ -174,6 +186,9 @@ def markdown(results: dict) -> list[str]:
     for label, case in results["cases"].items():
         requests_cell = (f"{case['first_s']:.1f} s / {case['warm_s']:.1f} s ({case['first_s'] / case['warm_s']:.2f}x)"
                          if "first_s" in case else "–")
+        if len(case.get("starts", [])) > 1:
+            label += f" (median of {len(case['starts'])} starts: " + ", ".join(
+                f"{start['first_s'] / start['warm_s']:.2f}x" for start in case["starts"]) + ")"
         lines.append(f"| {label} | {case['build_s']:.1f} s | {case['ready_s']:.1f} s | {requests_cell} |")
     memory = results["memory"]
     lines += [
