@@ -490,12 +490,7 @@ def peak_rss(server: TorchServe, models: list[str]) -> dict:
     """Peak resident memory (VmHWM) of each model's worker processes."""
     results = {}
     for model in models:
-        peaks = []
-        for worker in server.describe(model)["workers"]:
-            status = Path(f"/proc/{worker['pid']}/status")
-            if status.exists():
-                line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM"))
-                peaks.append(int(line.split()[1]) * 1024)
+        peaks = [peak for worker in server.describe(model)["workers"] if (peak := gpu_bench.worker_hwm(worker["pid"]))]
         results[f"peak_rss_bytes_{model}"] = max(peaks) if peaks else None
     return results
 

@@ -112,9 +112,9 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def generate(pipeline, run: Run, batch: int = 1) -> None:
+def generate(pipeline, run: Run) -> None:
     pipeline(
-        [PROMPT] * batch, height=run.plan.size, width=run.plan.size, num_inference_steps=run.plan.steps,
+        PROMPT, height=run.plan.size, width=run.plan.size, num_inference_steps=run.plan.steps,
         guidance_scale=run.plan.guidance, generator=torch.Generator().manual_seed(0),
     )
     synchronize(run.device)
