@@ -263,7 +263,7 @@ class DiffusionDeployment:
             else:
                 getter.cancel()
         answer = await asyncio.to_thread(self.service.encode, generation.result(), incoming.request_id)
-        self.metrics.record(self.service.metric_events(answer, self.model_name))
+        self._record(answer)
         yield answer.to_json() + "\n" if isinstance(answer, RequestError) else answer.body
 
     async def generate_batch(self, batch: list[Pending]):
@@ -282,8 +282,11 @@ class DiffusionDeployment:
         )
         return await loop.run_in_executor(self.torch_thread, generate)
 
-    def _reply(self, answer: "Answer | RequestError") -> Reply:
+    def _record(self, answer: "Answer | RequestError") -> None:
         self.metrics.record(self.service.metric_events(answer, self.model_name))
+
+    def _reply(self, answer: "Answer | RequestError") -> Reply:
+        self._record(answer)
         if isinstance(answer, RequestError):
             return Reply.of_error(answer)
         return Reply(200, answer.content_type, answer.headers, answer.body)
@@ -305,8 +308,7 @@ class HttpIngress:
         try:
             incoming = await self._read(http)
         except RequestError as error:
-            self.metrics.record(error_events(error, self.model_name))
-            return Reply.of_error(error).response()
+            return self._refuse(error)
         for attempt in range(1, ATTEMPTS + 1):
             replies = self.model.answer.remote(incoming)
             try:
@@ -315,9 +317,8 @@ class HttpIngress:
             except RayActorError:
                 logger.warning("the replica answering %s died (attempt %d of %d)", incoming.request_id, attempt, ATTEMPTS)
         else:
-            error = ReplicaDied(f"the replicas generating this request stopped, {ATTEMPTS} times; it was not answered")
-            self.metrics.record(error_events(error, self.model_name))
-            return Reply.of_error(error).response()
+            return self._refuse(ReplicaDied(f"the replicas generating this request stopped, {ATTEMPTS} times; "
+                                            "it was not answered"))
         if reply.body is not None:
             return reply.response()
         return StreamingResponse(self._rest(replies), media_type=reply.content_type)
@@ -329,8 +330,15 @@ class HttpIngress:
                 yield line
         except RayActorError:
             error = ReplicaDied("the replica generating this request stopped while it streamed")
-            self.metrics.record(error_events(error, self.model_name))
+            self._count(error)
             yield error.to_json() + "\n"
+
+    def _count(self, error: RequestError) -> None:
+        self.metrics.record(error_events(error, self.model_name))
+
+    def _refuse(self, error: RequestError) -> Response:
+        self._count(error)
+        return Reply.of_error(error).response()
 
     async def _read(self, http: Request) -> Incoming:
         headers = http.headers
