@@ -16,9 +16,10 @@ from model_archiver.model_packaging_utils import ModelExportUtils
 import handlers
 from archiver.contents import PIPELINE_INDEX, select_component_files, select_pipeline_files
 
-REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout, for its scripts and config.properties
 HANDLER_PACKAGE = Path(handlers.__file__).resolve().parent  # from the checkout or an installed wheel
-HANDLER_ENTRY = HANDLER_PACKAGE / "handler.py"
+# The module TorchServe's manifest names, copied to the archive root: TorchServe takes the one class
+# defined in it as the handler.
+HANDLER_ENTRY = HANDLER_PACKAGE / "torchserve" / "handler.py"
 PROVENANCE = "built-from.json"  # at the archive root: the source the archive was built from
 MODEL_CONFIG = "model-config.yaml"
 PROGRESS_INTERVAL_S = 10.0

@@ -1,40 +1,21 @@
-"""Turn a --source argument into a local diffusers pipeline directory."""
+"""Turn a --source argument into a local diffusers pipeline directory: a directory, a Hugging Face Hub id,
+or the shipped digits model."""
 
-import re
-import tempfile
-import zlib
 from pathlib import Path
 
-from diffusers import DiffusionPipeline, UNet2DConditionModel
-
 from archiver.contents import PICKLE_SUFFIXES
-from archiver.digits import DEFAULT_WEIGHTS_DIR as DIGITS_WEIGHTS_DIR
-from archiver.tiny import (
-    build_tiny_controlnet,
-    build_tiny_flux,
-    build_tiny_pipeline,
-    build_tiny_sdxl,
-    build_tiny_sdxl_refiner,
-    write_tiny_lora,
-)
+from handlers.core.source import download_pipeline, is_hub_id
 
-# Built from code, random weights: one per pipeline family.
-BUILT_IN = {"tiny": build_tiny_pipeline, "tiny-sdxl": build_tiny_sdxl, "tiny-flux": build_tiny_flux}
-TINY_ADAPTER = "tiny"  # as an adapter source: a random adapter that fits the pipeline being packed
-SHIPPED = {"digits": DIGITS_WEIGHTS_DIR}  # trained weights committed to the repository
+DIGITS_DIR = Path(__file__).resolve().parent / "models" / "tiny-digits"
+SHIPPED = {"digits": DIGITS_DIR}  # trained weights committed to the repository, shipped in the wheel
 # Generation defaults that suit a shipped model, used where the build command sets none.
 RECOMMENDED_DEFAULTS = {
     "digits": {"height": 64, "width": 64, "num_inference_steps": 25, "guidance_scale": 4.0},
 }
 # The `batching` that suits a shipped model where the build command sets none. At 64x64, four
-# requests ran 2.5-3x faster in one call on a 2-core CPU (README, Batching); `auto` keeps CPUs
+# requests ran 2.5-3x faster in one call on a 2-core CPU (docs/batching.md); `auto` keeps CPUs
 # per_request, since at real sizes combining gains little and costs bit-identical answers.
 RECOMMENDED_BATCHING = {"digits": "combined"}
-
-
-# The Hub's repo id form (huggingface_hub's validate_repo_id), with the owner required: diffusers
-# pipelines live under one. Anything else that names no local directory is a mistyped path.
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 
 
 class SourceError(Exception):
@@ -42,18 +23,12 @@ class SourceError(Exception):
 
 
 def resolve_source(
-    source: str, workdir: Path, allow_pickle_weights: bool = False, revision: str | None = None,
-    variant: str | None = None,
+    source: str, allow_pickle_weights: bool = False, revision: str | None = None, variant: str | None = None,
 ) -> Path:
-    """A built-in name, a local directory, or a Hugging Face Hub id, as a local directory."""
+    """A shipped model's name, a local directory, or a Hugging Face Hub id, as a local directory."""
     if source in SHIPPED:
         print(f"using the shipped {source!r} pipeline in {SHIPPED[source]}")
         return SHIPPED[source]
-    if source in BUILT_IN:
-        print(f"building the built-in {source!r} pipeline from code (random weights, no download)")
-        target = workdir / source
-        BUILT_IN[source](workdir).save_pretrained(target, safe_serialization=True)
-        return target
     local = Path(source).expanduser()
     if local.is_dir():
         if not (local / "model_index.json").is_file():
@@ -61,7 +36,7 @@ def resolve_source(
         return local
     if local.exists():
         raise SourceError(f"{source} is not a directory")
-    if not HUB_ID.fullmatch(source) or "--" in source or ".." in source:
+    if not is_hub_id(source):
         raise SourceError(
             f"{source} is neither a local directory (none exists there) nor a Hugging Face Hub id of the form "
             "owner/name; nothing was downloaded"
@@ -69,36 +44,16 @@ def resolve_source(
     return download_from_hub(source, allow_pickle_weights, revision, variant)
 
 
-def resolve_refiner(source: str, pipeline_dir: Path, workdir: Path) -> Path:
-    """A refiner directory; `tiny` builds one that fits a tiny SDXL base."""
-    if source != TINY_ADAPTER:
-        return resolve_source(source, workdir / "refiner-source")
-    base = DiffusionPipeline.from_pretrained(pipeline_dir, use_safetensors=True)
-    if getattr(base, "text_encoder_2", None) is None:
-        raise SourceError("a refiner needs an SDXL base pipeline (one with text_encoder_2)")
-    target = workdir / "refiner"
-    build_tiny_sdxl_refiner(base).save_pretrained(target, safe_serialization=True)
-    return target
-
-
-def resolve_controlnet(source: str, pipeline_dir: Path, workdir: Path, name: str) -> Path:
-    """A ControlNet directory (with config.json); `tiny` builds one from the pipeline's own UNet."""
-    if source == TINY_ADAPTER:
-        target = workdir / "controlnets" / name
-        controlnet = build_tiny_controlnet(_unet(pipeline_dir), seed=zlib.crc32(name.encode()))
-        controlnet.save_pretrained(target, safe_serialization=True)
-        return target
+def resolve_controlnet(source: str, name: str) -> Path:
+    """A ControlNet directory (with config.json)."""
     local = Path(source).expanduser()
     if not (local / "config.json").is_file():
         raise SourceError(f"ControlNet {name!r}: {source} is not a directory with a config.json")
     return local
 
 
-def resolve_lora(source: str, pipeline_dir: Path, workdir: Path, name: str) -> Path:
-    """A LoRA directory holding safetensors weights; `tiny` writes a random one for the pipeline's UNet."""
-    if source == TINY_ADAPTER:
-        # Seeded by name, so differently named tiny adapters differ.
-        return write_tiny_lora(_unet(pipeline_dir), workdir / "loras" / name, seed=zlib.crc32(name.encode()))
+def resolve_lora(source: str, name: str, workdir: Path) -> Path:
+    """A LoRA directory holding safetensors weights; a single .safetensors file is staged into one."""
     local = Path(source).expanduser()
     weights = [local] if local.is_file() else list(local.glob("*.safetensors")) if local.is_dir() else []
     if not weights or any(path.suffix != ".safetensors" for path in weights):
@@ -111,28 +66,16 @@ def resolve_lora(source: str, pipeline_dir: Path, workdir: Path, name: str) -> P
     return local
 
 
-def _unet(pipeline_dir: Path) -> UNet2DConditionModel:
-    if not (pipeline_dir / "unet").is_dir():
-        raise SourceError("tiny ControlNets and LoRAs are built for UNet pipelines; this one has no unet/")
-    return UNet2DConditionModel.from_pretrained(pipeline_dir / "unet", use_safetensors=True)
-
-
 def download_from_hub(repo_id: str, allow_pickle_weights: bool, revision: str | None, variant: str | None) -> Path:
-    """The pipeline's files in the Hugging Face cache, downloaded once.
-
-    diffusers fetches only the component folders that model_index.json names, safetensors unless
-    pickle weights are allowed, and the variant's weights where asked. A later build of the same
-    revision reads the cache, and with HF_HUB_OFFLINE=1 a build never leaves it.
-    """
+    """The pipeline's files in the Hugging Face cache, downloaded once (a later build of the same revision
+    reads the cache, and with HF_HUB_OFFLINE=1 a build never leaves it)."""
     from huggingface_hub import constants
 
     offline = constants.HF_HUB_OFFLINE
     where = f"the Hugging Face cache ({constants.HF_HUB_CACHE})"
     print(f"fetching {repo_id} through {where}" + (", offline: HF_HUB_OFFLINE is set" if offline else ""))
     try:
-        snapshot = Path(DiffusionPipeline.download(
-            repo_id, revision=revision, variant=variant, use_safetensors=None if allow_pickle_weights else True
-        ))
+        snapshot = download_pipeline(repo_id, revision, variant, allow_pickle_weights)
     except Exception as error:  # hub, network and cache errors have no common base
         advice = (
             f"HF_HUB_OFFLINE is set, so only models already in {where} can be built; unset it to download"
@@ -155,7 +98,3 @@ def pickle_only_components(pipeline_dir: Path) -> list[str]:
         if has_pickle and not has_safetensors:
             unsafe.append(folder.name)
     return unsafe
-
-
-def new_workdir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="archiver-")

@@ -1,4 +1,5 @@
-"""TorchServe handler for diffusers pipelines and the small modules it wires together."""
+"""Serve diffusers pipelines: the core (handlers/core/), and one thin adapter per engine over it
+(handlers/torchserve/, handlers/ray/)."""
 
 import logging
 

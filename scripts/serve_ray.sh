@@ -21,7 +21,7 @@ python -m archiver build --source "$MODEL_SOURCE" --model-name stable_diffusion 
 
 echo "==> starting a local Ray cluster (head node on 127.0.0.1) and the app"
 ray start --head --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 --disable-usage-stats >/dev/null
-python -m handlers.ray_serve --source model-store/stable_diffusion.mar --model-name stable_diffusion
+python -m handlers.ray --source model-store/stable_diffusion.mar --model-name stable_diffusion
 
 mkdir -p outputs
 python scripts/query.py "$PROMPT" --seed 3 --url http://127.0.0.1:8000 --out outputs/sample.png

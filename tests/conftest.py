@@ -1,16 +1,14 @@
-"""Shared fixtures: tiny real pipelines (diffusers' get_dummy_components style) and a TorchServe context."""
+"""Shared fixtures: tiny real pipelines (diffusers' get_dummy_components style), and archives of each
+pipeline family built by the archiver."""
 
 import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
-import ts
-from ts.context import Context, RequestProcessor
-from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
-from archiver.cli import main as archiver_main
-from archiver.tiny import build_tiny_pipeline
+from devtools.archives import main as build_archive
+from devtools.models.tiny import build_tiny_pipeline
 
 SMALL = {"height": 64, "width": 64, "num_inference_steps": 4}
 # Built-in sources and the adapters packed with them, as `python -m archiver build` options.
@@ -37,7 +35,7 @@ def family_archives(tmp_path_factory) -> dict[str, Path]:
     for name, options in FAMILIES.items():
         size = [f"--{key.replace('_', '-')}={value}" for key, value in SMALL.items()]
         arguments = ["build", "--model-name", name, "--export-path", str(store), "--archive-format", "no-archive"]
-        assert archiver_main([*arguments, *options, *size]) == 0
+        assert build_archive([*arguments, *options, *size]) == 0
     return {name: store / name for name in FAMILIES}
 
 
@@ -47,31 +45,6 @@ def zip_directory(source: Path, zip_path: Path, prefix: str = "") -> Path:
             if path.is_file():
                 archive.write(path, prefix + path.relative_to(source).as_posix())
     return zip_path
-
-
-def make_context(
-    model_dir: Path, handler_section: dict | None = None, batch_size: int = 1, gpu_id: int | None = None
-) -> Context:
-    """The Context TorchServe gives a worker, as built by ts.model_loader; gpu_id None is a CPU worker."""
-    model_yaml_config = {"batchSize": batch_size, "handler": handler_section or {}}
-    manifest = {"model": {"modelName": "tiny", "handler": "handler.py"}}
-    metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
-    metrics.initialize_cache()
-    metrics.model_name = "tiny"
-    return Context(
-        "tiny", str(model_dir), manifest, batch_size, gpu_id, "0.12.0", metrics=metrics, model_yaml_config=model_yaml_config
-    )
-
-
-def attach_requests(context: Context, body_types: list[str | None], headers: list[dict] | None = None) -> None:
-    """Give the context per-request headers, as TorchServe's service does before each batch."""
-    headers = headers or [{} for _ in body_types]
-    context.request_processor = [
-        RequestProcessor({**extra, **({"body": {"content-type": body_type}} if body_type else {})})
-        for body_type, extra in zip(body_types, headers)
-    ]
-    context.request_ids = {index: f"request-{index}" for index in range(len(body_types))}
-    context.metrics.request_ids = context.request_ids
 
 
 def read_model_config(archive_dir: Path) -> dict:

@@ -2,12 +2,11 @@
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from handlers.core.samplers import SAMPLERS
+from handlers.core.limits import Limits
+from handlers.core.schema import GenerationDefaults, request_json_schema
 
-SchedulerName = Literal[tuple(SAMPLERS)]
-OutputFormat = Literal["numpy", "png", "jpeg", "webp", "json"]
 TorchDtype = Literal["auto", "float32", "float16", "bfloat16"]
 Batching = Literal["auto", "combined", "per_request"]
 CpuOffload = Literal["none", "model", "sequential"]
@@ -21,62 +20,9 @@ AttentionBackend = Literal[
 ]
 
 
-class GenerationDefaults(BaseModel):
-    """Generation parameters a request may leave out; the model's config may change their defaults."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    negative_prompt: str | None = Field(None, max_length=1000, description="what to steer away from")
-    num_inference_steps: int = Field(50, ge=1, le=150, description="denoising steps")
-    guidance_scale: float = Field(7.5, ge=0, le=30, allow_inf_nan=False, description="classifier-free guidance")
-    height: int = Field(768, ge=64, le=2048, multiple_of=8, description="pixels, a multiple of 8")
-    width: int = Field(768, ge=64, le=2048, multiple_of=8, description="pixels, a multiple of 8")
-    num_images_per_prompt: int = Field(1, ge=1, le=64, description="images for each prompt")
-    scheduler: SchedulerName | None = Field(None, description="sampler; absent: the pipeline's own")
-    output_format: OutputFormat = Field("numpy", description="numpy (the pytorch/serve example's list), png, jpeg, webp or json")
-    quality: int = Field(90, ge=1, le=100, description="jpeg and webp quality")
-    strength: float | None = Field(
-        None, ge=0, le=1, allow_inf_nan=False,
-        description="img2img and inpaint: how far to move from the input image; absent: 0.8 for img2img, 1.0 for inpaint",
-    )
-    controlnet_conditioning_scale: float = Field(
-        1.0, ge=0, le=2, allow_inf_nan=False, description="how strongly the ControlNet steers"
-    )
-    use_refiner: bool = Field(True, description="finish txt2img with the refiner, when the model has one")
-
-
-# Eight 1024x1024 images of 50 steps. The tiny default model runs about 2 million pixel-steps a
-# second on a 2-core CPU, so this budget ends within the default responseTimeout (600 s) there;
-# a GPU runs real models many times faster. Set it for your model and hardware.
-DEFAULT_MAX_WORK = 8 * 50 * 1024 * 1024
-
-
-class Limits(BaseModel):
-    """Per-model caps that protect the worker; requests past them get 400 or 413."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_images_per_prompt: int = Field(8, ge=1, le=64)
-    max_pixels: int = Field(1536 * 1536, ge=64 * 64, description="height x width of one image")
-    max_images_per_request: int = Field(16, ge=1, description="prompts x num_images_per_prompt")
-    max_input_pixels: int = Field(
-        4096 * 4096, ge=64 * 64, description="width x height of an input image, checked before it is decoded"
-    )
-    max_response_bytes: int = Field(
-        104_857_600,
-        ge=1,
-        description="the server's max_response_size (the archiver copies it from config.properties); an answer "
-        "that could be larger is refused with 413 before any work, since TorchServe would drop it and the worker",
-    )
-    max_work: int = Field(
-        DEFAULT_MAX_WORK,
-        ge=1,
-        description="denoising steps x height x width x images one request may ask for; past it, 413 before any work",
-    )
-
-
 class HandlerConfig(GenerationDefaults, Limits):
-    """Everything the `handler:` section of model-config.yaml may set."""
+    """Everything the `handler:` section of model-config.yaml may set: the requests' defaults, the model's
+    limits, and how the pipeline loads and runs."""
 
     torch_dtype: TorchDtype = Field(
         "auto", description="auto is float16 on CUDA and float32 on CPU"
@@ -178,3 +124,14 @@ def load_handler_config(model_yaml_config: dict | None) -> HandlerConfig:
         return HandlerConfig(**section)
     except ValidationError as error:
         raise ValueError(f"invalid `handler:` section in model-config.yaml: {error}") from error
+
+
+def model_description(config: HandlerConfig) -> dict:
+    """What a client needs to build a form or a typed client for this model: the request's JSON Schema with
+    the model's defaults, its limits, and its adapters by name. Each engine publishes it."""
+    return {
+        "request": request_json_schema(config.generation_defaults),
+        "limits": config.limits.model_dump(),
+        "loras": sorted(config.loras),
+        "controlnets": sorted(config.controlnets),
+    }

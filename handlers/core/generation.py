@@ -13,9 +13,10 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL.Image import Image
 
+from handlers.core.answers import Generation
 from handlers.core.errors import GenerationFailed, OutOfMemory, RequestError
-from handlers.core.request import GenerationRequest
-from handlers.core.schedulers import PipelineViews
+from handlers.core.schema import GenerationRequest
+from handlers.core.views import PipelineViews
 
 logger = logging.getLogger(__name__)
 
@@ -30,28 +31,6 @@ OUT_OF_MEMORY = (torch.OutOfMemoryError, MemoryError)
 StepListener = Callable[[list[GenerationRequest], int, int, float], None]
 
 
-def batch_key(request: GenerationRequest) -> tuple:
-    """Requests with equal keys can share one pipeline call without changing each other's pixels.
-
-    Whether a negative prompt is given is part of it: in a shared call every request without one
-    gets the empty prompt's embedding, where SDXL alone would use zeros (force_zeros_for_empty_prompt).
-    """
-    return (
-        bool(request.negative_prompt),
-        request.task,
-        request.height,
-        request.width,
-        request.num_inference_steps,
-        request.guidance_scale,
-        request.scheduler or "",
-        request.effective_strength if request.task != "txt2img" else 0.0,
-        request.controlnet or "",
-        request.controlnet_conditioning_scale if request.controlnet else 0.0,
-        tuple(sorted(request.lora_weights.items())),
-        request.use_refiner,
-    )
-
-
 @dataclass
 class ImageJob:
     """One image to make: what its request asks for, with its own seed."""
@@ -64,28 +43,11 @@ class ImageJob:
     control_image: Image | None
 
 
-@dataclass
-class Picture:
-    """One generated image, and whether the pipeline's safety checker flagged it (None: no checker ran)."""
-
-    image: Image
-    nsfw: bool | None = None
-
-
-@dataclass
-class Generated:
-    """A request's images (image i seeded with image_seeds[i]), the seconds of the call that made them, and
-    the safety checker's flag for each image where it ran (a flagged image is the checker's black one)."""
-
-    images: list[Image]
-    seconds: float
-    nsfw_flags: list[bool] | None = None
-
-
-def pictures_of(output) -> list[Picture]:
+def pictures_of(output) -> list[tuple[Image, bool | None]]:
+    """Each image with the safety checker's flag (None: no checker ran)."""
     # Only SD 1.x/2.x-style outputs carry the field, and it is None when the pipeline has no checker.
     flags = getattr(output, "nsfw_content_detected", None) or [None] * len(output.images)
-    return [Picture(image, bool(flag) if flag is not None else None) for image, flag in zip(output.images, flags)]
+    return [(image, bool(flag) if flag is not None else None) for image, flag in zip(output.images, flags)]
 
 
 def image_jobs(group: list[GenerationRequest]) -> list[ImageJob]:
@@ -128,9 +90,9 @@ class ImageGenerator:
 
     def generate(
         self, requests: list[GenerationRequest], on_step: StepListener | None = None
-    ) -> list[Generated | RequestError]:
+    ) -> list[Generation | RequestError]:
         """Each request's images (or error), in request order."""
-        results: list[Generated | RequestError | None] = [None] * len(requests)
+        results: list[Generation | RequestError | None] = [None] * len(requests)
         for indices in self.groups(requests):
             outcomes = self.run_isolated([requests[index] for index in indices], on_step)
             for index, outcome in zip(indices, outcomes):
@@ -139,7 +101,7 @@ class ImageGenerator:
 
     def run_isolated(
         self, group: list[GenerationRequest], on_step: StepListener | None = None
-    ) -> list[Generated | RequestError]:
+    ) -> list[Generation | RequestError]:
         """The group's outcomes, request by request.
 
         A shared call that fails for a reason other than memory runs again one request at a time, so
@@ -156,24 +118,24 @@ class ImageGenerator:
         pictures = iter(outcome)
         results = []
         for request in group:
-            mine = [next(pictures) for _ in range(request.image_count)]
-            checked = all(picture.nsfw is not None for picture in mine)
-            results.append(Generated([picture.image for picture in mine], seconds,
-                                     [picture.nsfw for picture in mine] if checked else None))
+            images, flags = zip(*[next(pictures) for _ in range(request.image_count)])
+            checked = all(flag is not None for flag in flags)
+            results.append(Generation(list(images), seconds, list(flags) if checked else None))
         return results
 
     def groups(self, requests: list[GenerationRequest]) -> list[list[int]]:
         if not self.combine_requests:
             return [[index] for index in range(len(requests))]
-        order = sorted(range(len(requests)), key=lambda index: batch_key(requests[index]))
-        return [list(group) for _, group in groupby(order, key=lambda index: batch_key(requests[index]))]
+        keys = [request.batch_key() for request in requests]
+        order = sorted(range(len(requests)), key=keys.__getitem__)
+        return [list(group) for _, group in groupby(order, key=keys.__getitem__)]
 
-    def run_group(self, group: list[GenerationRequest], on_step: StepListener | None = None) -> list[Picture] | RequestError:
+    def run_group(self, group: list[GenerationRequest], on_step: StepListener | None = None) -> list[tuple[Image, bool | None]] | RequestError:
         first = group[0]
         jobs = image_jobs(group)
         if first.denoising_steps < 1:
             # Strength this low leaves no denoising step: the input image is the answer.
-            return [Picture(job.image) for job in jobs]
+            return [(job.image, None) for job in jobs]
         try:
             pipeline = self.views.pipeline_for(first.task, first.controlnet, first.scheduler)
             self._activate_loras(first.lora_weights)
@@ -192,7 +154,7 @@ class ImageGenerator:
                 f"generation failed ({type(error).__name__}); the worker log has the details"
             )
 
-    def _run_jobs(self, pipeline, request, jobs: list[ImageJob], progress) -> list[Picture]:
+    def _run_jobs(self, pipeline, request, jobs: list[ImageJob], progress) -> list[tuple[Image, bool | None]]:
         """Run the jobs in one call; out of memory, retry in halves before giving up.
 
         Every image has its own seeded generator, so a split batch gives the same images.
@@ -210,7 +172,7 @@ class ImageGenerator:
             pipeline, request, jobs[middle:], progress
         )
 
-    def _call(self, pipeline, request: GenerationRequest, jobs: list[ImageJob], progress) -> list[Picture]:
+    def _call(self, pipeline, request: GenerationRequest, jobs: list[ImageJob], progress) -> list[tuple[Image, bool | None]]:
         prompts = [job.prompt for job in jobs]
         negative_prompts = [job.negative_prompt for job in jobs]
         # CPU generators give the same noise on every device.
@@ -245,7 +207,7 @@ class ImageGenerator:
     def _refines(self, request: GenerationRequest) -> bool:
         return self.refiner is not None and request.use_refiner and request.task == "txt2img" and not request.controlnet
 
-    def _refine(self, pipeline, arguments: dict, progress) -> list[Picture]:
+    def _refine(self, pipeline, arguments: dict, progress) -> list[tuple[Image, bool | None]]:
         """SDXL's ensemble of experts: the base denoises the high-noise part, the refiner finishes in latents."""
         latents = pipeline(**arguments, denoising_end=self.refiner_switch, output_type="latent").images
         if progress:

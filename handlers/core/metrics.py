@@ -1,10 +1,14 @@
-"""The metrics each answer makes, as plain events. Each engine's adapter records them in its own
-metric system; handlers/metrics.yaml declares them (names, units, dimensions)."""
+"""The metrics each answer makes, as plain events, and their declarations (metrics.yaml beside this
+module: names, units, dimensions). Each engine's adapter records the events in its own metric system."""
 
 from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
 
 from handlers.core.errors import RequestError
-from handlers.core.request import GenerationRequest
+
+DECLARATIONS = Path(__file__).with_name("metrics.yaml")
 
 
 @dataclass(frozen=True)
@@ -14,7 +18,26 @@ class MetricEvent:
     labels: tuple[str, ...]  # in the order of the metric's declared dimensions
 
 
-def answer_events(request: GenerationRequest, image_count: int, seconds: float, model_name: str) -> list[MetricEvent]:
+@dataclass(frozen=True)
+class MetricDeclaration:
+    name: str
+    kind: str  # TorchServe's metric type: counter, gauge or histogram
+    unit: str
+    dimensions: tuple[str, ...]
+
+
+def declared_metrics() -> list[MetricDeclaration]:
+    """Every metric metrics.yaml declares."""
+    declared = yaml.safe_load(DECLARATIONS.read_text())["model_metrics"]
+    return [
+        MetricDeclaration(spec["name"], kind, spec["unit"], tuple(spec["dimensions"]))
+        for kind, specs in declared.items()
+        for spec in specs
+    ]
+
+
+def answer_events(request, image_count: int, seconds: float, model_name: str) -> list[MetricEvent]:
+    """A generated request's events; request is the GenerationRequest that was answered."""
     labels = (model_name, request.task)
     return [
         MetricEvent("diffusion_images_generated", image_count, labels),

@@ -1,5 +1,6 @@
 """Samplers by name: each one's diffusers scheduler class, by its name, and its settings. Names only, so
-that validating a request or a model-config needs no diffusers import (Ray's HTTP ingress imports this)."""
+that validating a request or a model-config needs no diffusers import (Ray's HTTP ingress imports this);
+handlers/core/views.py resolves the classes."""
 
 SAMPLERS = {
     "ddim": ("DDIMScheduler", {}),

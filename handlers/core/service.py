@@ -5,18 +5,16 @@ this service's answers into its own responses."""
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from handlers.core.answers import Answer, Encoder, Generation, answer_size_bound, generated_answer
 from handlers.core.archive import locate_pipeline
-from handlers.core.codecs import answer_size_bound, encode_response, stream_result
-from handlers.core.config import HandlerConfig
+from handlers.core.config import HandlerConfig, model_description
 from handlers.core.errors import InternalError, RequestError
-from handlers.core.generation import Generated, ImageGenerator, StepListener
-from handlers.core.metrics import MetricEvent, answer_events, error_events
+from handlers.core.generation import ImageGenerator, StepListener
+from handlers.core.limits import AnswerBound, check_defaults_fit
 from handlers.core.pipelines import (
     apply_memory_options,
     compile_counts,
@@ -30,32 +28,20 @@ from handlers.core.pipelines import (
     select_device,
     ships_safety_checker,
 )
-from handlers.core.request import Adapters, AnswerBound, GenerationRequest, check_defaults_fit, parse_request
+from handlers.core.request import Adapters, parse_request
+from handlers.core.schema import GenerationRequest
 
 logger = logging.getLogger(__name__)
-
-# A request's images, or its error.
-Outcome = tuple[GenerationRequest, Generated] | RequestError
-
-
-@dataclass
-class Answer:
-    """A generated request's response: body, Content-Type and headers."""
-
-    request: GenerationRequest
-    generated: Generated
-    body: Any
-    content_type: str
-    headers: dict[str, str] = field(default_factory=dict)
 
 
 class DiffusionService:
     """The pipeline and its views, loaded once, and each request's way through them: read, generate, encode."""
 
     def __init__(
-        self, model_dir: Path, config: HandlerConfig, gpu_id: int | None = None, answer_bound: AnswerBound | None = None
+        self, model_dir: Path, config: HandlerConfig, gpu_id: int | None = None, answer_bound: AnswerBound | None = None,
+        model_name: str = "",
     ):
-        self.config = config
+        self.config, self.model_name = config, model_name
         self.defaults, self.limits = config.generation_defaults, config.limits
         self.answer_bound = answer_bound or answer_size_bound
         # Before any weights load: defaults that every request would be refused for stop the model now.
@@ -107,60 +93,50 @@ class DiffusionService:
         start = time.perf_counter()
         before = compile_counts()
         request = GenerationRequest(**{**self.defaults.model_dump(), "prompt": "warm-up", "num_inference_steps": 1})
-        [outcome] = self.generator.generate([request])
-        if isinstance(outcome, RequestError):
-            raise RuntimeError(f"warm-up generation failed: {outcome.message}")
+        [result] = self.generator.generate([request])
+        if isinstance(result, RequestError):
+            raise RuntimeError(f"warm-up generation failed: {result.message}")
         compiled, loaded = (after - earlier for after, earlier in zip(compile_counts(), before))
         logger.info(
             "warm-up generation took %.1f s: %d graphs compiled, %d loaded from inductor's cache",
             time.perf_counter() - start, compiled, loaded,
         )
 
+    def describe(self) -> dict:
+        """The model's request schema, defaults, limits and adapters (handlers/core/config.py)."""
+        return model_description(self.config)
+
     def read(self, read_fields: Callable[[], dict], accept: str | None, request_id: str) -> GenerationRequest | RequestError:
         """One request, validated; read_fields gets its fields from the engine's own request. Whatever
         goes wrong stays with this request."""
         try:
-            return parse_request(read_fields(), self.defaults, self.limits, accept, self.adapters, self.answer_bound)
+            return parse_request(read_fields(), self.defaults, self.limits, self.answer_bound, accept, self.adapters)
         except RequestError as error:
             return error
         except Exception:  # noqa: BLE001 - whatever a library raises for this request stays with this request
             logger.exception("reading request %s failed", request_id)
             return InternalError("the server failed to read this request; the worker log has the details")
 
-    def generate(self, requests: list[GenerationRequest | RequestError], on_step: StepListener | None = None) -> list[Outcome]:
+    def generate(
+        self, requests: list[GenerationRequest | RequestError], on_step: StepListener | None = None
+    ) -> list[Generation | RequestError]:
         """Each request's images or error, in order; requests refused already keep their error."""
         valid = [request for request in requests if not isinstance(request, RequestError)]
         logger.info("batch of %d requests, %d valid", len(requests), len(valid))
         generated = iter(self.generator.generate(valid, on_step))
-        outcomes: list[Outcome] = []
-        for request in requests:
-            if isinstance(request, RequestError):
-                outcomes.append(request)
-                continue
-            result = next(generated)
-            outcomes.append(result if isinstance(result, RequestError) else (request, result))
-        return outcomes
+        return [request if isinstance(request, RequestError) else next(generated) for request in requests]
 
-    def encode(self, outcome: Outcome, request_id: str, encode: Callable | None = None) -> Answer | RequestError:
-        """The response to one request, or its error; encode (request, images, nsfw flags) -> body, Content-Type
-        replaces the plain HTTP encoding where an engine wraps answers its own way."""
-        if isinstance(outcome, RequestError):
-            return outcome
-        request, generated = outcome
+    def answer(
+        self, request: GenerationRequest | RequestError, result: Generation | RequestError, request_id: str,
+        encode: Encoder | None = None,
+    ) -> Answer:
+        """The answer to one request: its images encoded (encode replaces the plain HTTP encoding where an
+        engine wraps answers its own way), or its error."""
+        if isinstance(result, RequestError):
+            return Answer.refusal(result, self.model_name)
         try:
-            if request.stream:
-                body, content_type = stream_result(request, generated.images, generated.nsfw_flags)
-            else:
-                body, content_type = (encode or encode_response)(request, generated.images, generated.nsfw_flags)
+            return generated_answer(request, result, self.model_name, encode)
         except Exception:  # noqa: BLE001 - one answer that fails to encode must not fail its batch-mates
             logger.exception("encoding the answer to request %s failed", request_id)
-            return InternalError("the server failed to encode the images; the worker log has the details")
-        headers = {"X-Seed": str(request.seed)}
-        if generated.nsfw_flags is not None:  # one flag per image, in order: the only word a raw image can carry
-            headers["X-NSFW-Content-Detected"] = ",".join(str(flag).lower() for flag in generated.nsfw_flags)
-        return Answer(request, generated, body, content_type, headers)
-
-    def metric_events(self, answer: Answer | RequestError, model_name: str) -> list[MetricEvent]:
-        if isinstance(answer, RequestError):
-            return error_events(answer, model_name)
-        return answer_events(answer.request, len(answer.generated.images), answer.generated.seconds, model_name)
+            error = InternalError("the server failed to encode the images; the worker log has the details")
+            return Answer.refusal(error, self.model_name)

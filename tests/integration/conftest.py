@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from archiver.cli import read_properties  # noqa: F401 - the tests read config files as the archiver does
-from tests.harness.ray_cluster import RayServeCluster, can_make_namespaces
-from tests.harness.torchserve import REPO_ROOT, TorchServe
+from devtools.harness.ray_cluster import RayServeCluster, can_make_namespaces
+from devtools import REPO_ROOT
+from devtools.harness.torchserve import TorchServe
 
 TINY = "tiny_sd"  # small defaults from its model-config.yaml, for fast tests
 DEFAULTS = "default_sd"  # built-in generation defaults untouched: 7.5 / 50 / 768x768

@@ -7,9 +7,9 @@ import psutil
 import pytest
 from PIL import Image
 
-from archiver.build import REPO_ROOT
+from devtools import REPO_ROOT
 from archiver.cli import main as archiver_main
-from tests.harness.torchserve import process_family
+from devtools.harness.torchserve import process_family
 
 pytest.importorskip("bentoml", reason="BentoML is the benchmark's second baseline: pip install -e '.[bench]'")
 

@@ -11,7 +11,8 @@ import requests
 import yaml
 
 from archiver.build import ServingConfig
-from tests.harness.torchserve import REPO_ROOT, TorchServe
+from devtools import REPO_ROOT
+from devtools.harness.torchserve import TorchServe
 from tests.integration.conftest import TINY, read_properties
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from archiver.digits import DigitsOracle
+from devtools.models.digits import DigitsOracle
 from tests.integration.conftest import ENGINES, build_archive, serving
 
 DIGITS = "digits"

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.harness.torchserve import TorchServe
+from devtools.harness.torchserve import TorchServe
 from tests.integration.conftest import build_archive
 
 MODEL = "fuzz_sd"

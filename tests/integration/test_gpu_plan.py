@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from archiver.build import REPO_ROOT
+from devtools import REPO_ROOT
 
 BENCH = [sys.executable, str(REPO_ROOT / "scripts" / "bench.py")]
 

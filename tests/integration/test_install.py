@@ -11,7 +11,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from tests.harness.torchserve import REPO_ROOT, TorchServe
+from devtools import REPO_ROOT
+from devtools.harness.torchserve import TorchServe
 
 NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "model-store",
                                      "bench-results", "logs", "outputs")

@@ -13,7 +13,8 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.harness.torchserve import REPO_ROOT, TorchServe
+from devtools import REPO_ROOT
+from devtools.harness.torchserve import TorchServe
 from tests.integration.conftest import build_archive, read_properties
 
 KSERVE_CONFIG = REPO_ROOT / "kserve" / "config.properties"

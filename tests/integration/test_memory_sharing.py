@@ -15,7 +15,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from tests.harness.torchserve import TorchServe
+from devtools.harness.torchserve import TorchServe
 from tests.integration.conftest import build_archive
 
 NAME = "shared"
@@ -64,7 +64,7 @@ def test_two_cpu_workers_map_the_same_weight_files_and_share_their_pages(two_wor
 
 def test_a_load_that_converts_the_dtype_shares_nothing(tmp_path):
     # Why the archive keeps torch_dtype auto (float32 on a CPU, as stored): bfloat16 copies every tensor.
-    from archiver.digits import DEFAULT_WEIGHTS_DIR
+    from devtools.models.digits import DEFAULT_WEIGHTS_DIR
 
     stored = DiffusionPipeline.from_pretrained(DEFAULT_WEIGHTS_DIR, dtype=torch.float32, use_safetensors=True)
     pid = psutil.Process().pid

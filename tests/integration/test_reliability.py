@@ -18,7 +18,8 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.harness.torchserve import REPO_ROOT, TorchServe
+from devtools import REPO_ROOT
+from devtools.harness.torchserve import TorchServe
 from tests.integration.conftest import b64, bomb, build_archive, png
 
 MODEL = "soak_sd"

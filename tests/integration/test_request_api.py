@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.harness.torchserve import REPO_ROOT, TorchServe
+from devtools import REPO_ROOT
+from devtools.harness.torchserve import TorchServe
 from tests.integration.conftest import ENGINES, TINY, serving, worker_log
 
 

@@ -11,7 +11,8 @@ import zipfile
 import pytest
 import requests
 
-from tests.harness.torchserve import REPO_ROOT, TorchServe
+from devtools import REPO_ROOT
+from devtools.harness.torchserve import TorchServe
 from tests.conftest import plant_hostile_files
 from tests.integration.conftest import TINY, build_archive
 

@@ -12,7 +12,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.harness.torchserve import REPO_ROOT
+from devtools.harness.torchserve import REPO_ROOT
 from tests.integration.conftest import ENGINES, b64, bomb, build_archive, png, serving
 
 SD = "adapters_sd"  # tiny SD with a canny ControlNet and two LoRA adapters

@@ -1,47 +1,82 @@
-"""Calling the handler the way a TorchServe worker does, and watching the real pipeline run."""
+"""Calling the core the way an engine does (read, generate, answer), and watching the real pipeline run."""
 
 import base64
 import io
 import json
 import re
-import socket
+from pathlib import Path
 
 import numpy as np
 import yaml
 from PIL import Image
 
-from handlers.handler import DiffusersHandler
-from tests.conftest import SMALL, attach_requests, make_context
+from handlers.core.answers import Answer, progress_line
+from handlers.core.bodies import fields_from_body, fields_from_form
+from handlers.core.config import HandlerConfig
+from handlers.core.service import DiffusionService
+from tests.conftest import SMALL
 
 
-def decode_numpy_response(body: str) -> np.ndarray:
+class Client:
+    """Sends bodies through one DiffusionService as one batch, and collects each one's Answer."""
+
+    def __init__(self, service: DiffusionService):
+        self.service = service
+
+    def post(self, *bodies, content_type: str = "application/json", accept: str | None = None,
+             stream_to: list | None = None) -> list[Answer]:
+        """Bodies as an engine hands them over: dicts are parsed JSON, str is text, bytes are raw.
+        stream_to collects each streaming request's progress lines."""
+        return self.answer([lambda body=body: fields_from_body(body, content_type) for body in bodies], accept, stream_to)
+
+    def post_form(self, *forms: dict) -> list[Answer]:
+        return self.answer([lambda form=form: fields_from_form(form) for form in forms])
+
+    def answer(self, readers, accept: str | None = None, stream_to: list | None = None) -> list[Answer]:
+        requests = [self.service.read(read, accept, f"request-{index}") for index, read in enumerate(readers)]
+
+        def on_step(group, step, total, elapsed):
+            stream_to.extend(json.loads(progress_line(step, total, elapsed)) for request in group if request.stream)
+
+        results = self.service.generate(requests, on_step if stream_to is not None else None)
+        return [self.service.answer(request, result, f"request-{index}")
+                for index, (request, result) in enumerate(zip(requests, results))]
+
+
+def serve(model_dir: Path, gpu_id: int | None = None, **handler_section) -> Client:
+    """A service on a model directory, with small defaults unless handler_section says otherwise."""
+    return Client(DiffusionService(model_dir, HandlerConfig(**{**SMALL, **handler_section}), gpu_id, model_name="tiny"))
+
+
+def served_family(model_dir: Path, **handler_section) -> Client:
+    """A service on an archiver-built model directory, with its model-config.yaml handler section."""
+    section = yaml.safe_load((model_dir / "model-config.yaml").read_text())["handler"]
+    return serve(model_dir, **{**section, **handler_section})
+
+
+def numpy_image(answer: Answer) -> np.ndarray:
     """What the pytorch/serve example's client does with a response."""
-    return np.array(json.loads(body), dtype="uint8")
+    assert answer.status == 200, answer.body
+    return np.array(json.loads(answer.body), dtype="uint8")
 
 
-def run(handler, context, rows, body_types=None, headers=None):
-    attach_requests(context, body_types or [None] * len(rows), headers)
-    return handler.handle(rows, context)
+def pixels(answer: Answer) -> np.ndarray:
+    assert answer.status == 200, answer.body
+    return np.asarray(Image.open(io.BytesIO(answer.body)).convert("RGB")).astype(int)
 
 
-def run_json(handler, context, *bodies, accept=None):
-    return run(handler, context, [{"body": body} for body in bodies], ["application/json"] * len(bodies),
-               [{"Accept": accept}] * len(bodies) if accept else None)
-
-
-def serve(pipeline_dir, gpu_id=None, **handler_section):
-    context = make_context(pipeline_dir, {**SMALL, **handler_section}, batch_size=4, gpu_id=gpu_id)
-    handler = DiffusersHandler()
-    handler.initialize(context)
-    return handler, context
+def document_images(answer: Answer) -> list[Image.Image]:
+    """The images of a json document (or of a stream's last line)."""
+    document = json.loads(answer.body)
+    return [Image.open(io.BytesIO(base64.b64decode(image))) for image in document["images"]]
 
 
 class UNetBatchSizes:
     """Records the batch size of every UNet forward pass, through a real forward hook."""
 
-    def __init__(self, handler, module=None):
+    def __init__(self, client: Client, module=None):
         self.sizes = []
-        self.hook = (module or handler.service.pipeline.unet).register_forward_pre_hook(self.record)
+        self.hook = (module or client.service.pipeline.unet).register_forward_pre_hook(self.record)
 
     def record(self, module, args):
         self.sizes.append(args[0].shape[0])
@@ -65,37 +100,6 @@ def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def pixels(body: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(body)).convert("RGB")).astype(int)
-
-
-def served_family(model_dir, **handler_section):
-    """A handler on an archiver-built model directory, with its model-config.yaml handler section."""
-    section = yaml.safe_load((model_dir / "model-config.yaml").read_text())["handler"]
-    return serve(model_dir, **{**section, **handler_section})
-
-
-class WorkerSocket:
-    """The socket a TorchServe worker writes intermediate responses to; the frontend end is readable."""
-
-    def __init__(self, context):
-        self.worker, self.frontend = socket.socketpair()
-        context.cl_socket = self.worker
-        self.frontend.setblocking(False)
-
-    def received(self) -> bytes:
-        chunks = []
-        while True:
-            try:
-                chunks.append(self.frontend.recv(1 << 20))
-            except BlockingIOError:
-                return b"".join(chunks)
-
-    def close(self):
-        self.worker.close()
-        self.frontend.close()
 
 
 def progress_lines(sent: bytes) -> list[dict]:

@@ -8,7 +8,7 @@ import pytest
 
 from handlers.core.archive import COMPLETE_MARKER, MAX_MEMBERS, locate_pipeline, unpack_once
 from handlers.core.errors import PipelineNotFound, UnsafeArchive
-from handlers.handler import DiffusersHandler
+from handlers.torchserve.handler import DiffusersHandler
 from tests.conftest import make_context, zip_directory
 
 

@@ -13,7 +13,7 @@ import yaml
 from archiver import build as archiver_build
 from archiver.build import REPO_ROOT, built_from
 from archiver.cli import main, read_properties
-from tests.harness.torchserve import free_port
+from devtools.harness.torchserve import free_port
 from handlers.core.config import Limits
 from tests.conftest import plant_hostile_files
 

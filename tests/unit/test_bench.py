@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from archiver.build import REPO_ROOT
-from archiver.fullsize import flux_dev_components, sdxl_components
-from archiver.sd15 import sd15_components
-from archiver.tiny import build_tokenizer
+from devtools.models.fullsize import flux_dev_components, sdxl_components
+from devtools.models.sd15 import sd15_components
+from devtools.models.tiny import build_tokenizer
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 import bench  # noqa: E402

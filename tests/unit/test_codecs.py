@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from handlers.core.codecs import answer_size_bound, encode_numpy_json, encode_response, numpy_json
-from handlers.envelopes import enveloped_answer, enveloped_answer_size_bound
+from handlers.torchserve.envelopes import enveloped_answer, enveloped_answer_size_bound
 from handlers.core.request import GenerationRequest
 
 

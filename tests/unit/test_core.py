@@ -1,5 +1,5 @@
 """The core knows no server: every module of handlers/core imports with TorchServe (`ts`) and Ray absent,
-and imports neither. An engine's adapter (handlers/handler.py for TorchServe) sits beside it."""
+and imports neither. An engine's adapter (handlers/torchserve/, handlers/ray/) sits beside it."""
 
 import importlib.util
 import subprocess
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from archiver.build import REPO_ROOT
+from devtools import REPO_ROOT
 
 # sys.modules[name] = None makes `import name` fail, and makes optional-dependency probes
 # (importlib.util.find_spec) see the package as absent, as on a machine without it.
@@ -40,7 +40,7 @@ def test_the_core_imports_with_neither_torchserve_nor_ray_installed():
 
 
 def test_the_check_fails_for_a_module_that_needs_torchserve():
-    result = import_without_servers("handlers.handler")
+    result = import_without_servers("handlers.torchserve.handler")
     assert result.returncode != 0
     assert "ModuleNotFoundError" in result.stderr and "'ts" in result.stderr
 
@@ -50,7 +50,7 @@ def test_rays_ingress_imports_neither_torch_nor_diffusers():
     must not cost a model's imports (about 5 s and 0.5 GB)."""
     if importlib.util.find_spec("ray") is None:
         pytest.skip("the ray extra is not installed here, so there is no ingress to import")
-    code = "import sys, handlers.ray_serve; print(sorted(name for name in ('torch', 'diffusers') if name in sys.modules))"
+    code = "import sys, handlers.ray.app; print(sorted(name for name in ('torch', 'diffusers') if name in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "[]"

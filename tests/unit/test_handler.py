@@ -12,7 +12,7 @@ from PIL import Image
 from ts.torch_handler.request_envelope.kserve import KServeEnvelope
 from ts.torch_handler.request_envelope.kservev2 import KServev2Envelope
 
-from handlers.handler import DiffusersHandler
+from handlers.torchserve.handler import DiffusersHandler
 from tests.conftest import SMALL, attach_requests, make_context, zip_directory
 from tests.unit.helpers import UNetBatchSizes, decode_numpy_response, run, run_json, serve
 

@@ -15,11 +15,11 @@ import torch
 import yaml
 
 from archiver.build import REPO_ROOT
-from tests.harness.torchserve import free_port
-from archiver.tiny import build_tiny_pipeline
+from devtools.harness.torchserve import free_port
+from devtools.models.tiny import build_tiny_pipeline
 from tests.conftest import make_context
 from tests.unit.helpers import run_json
-from handlers.handler import DiffusersHandler
+from handlers.torchserve.handler import DiffusersHandler
 
 REPO_ID = "tiny-org/tiny-sd"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

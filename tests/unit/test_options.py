@@ -181,7 +181,7 @@ def test_options_reach_the_sdxl_refiner_too(family_archives):
 
 WORKER = """
 import json, sys
-from handlers.handler import DiffusersHandler
+from handlers.torchserve.handler import DiffusersHandler
 from handlers.core.pipelines import compile_counts
 from tests.conftest import SMALL, make_context
 from tests.unit.helpers import run_json

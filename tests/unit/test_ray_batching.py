@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-ray_serve = pytest.importorskip("handlers.ray_serve", reason="the ray extra is not installed here")
+queues = pytest.importorskip("handlers.ray.queue", reason="the ray extra is not installed here")
 
 
 def run_requests(arrivals: list[float], batch_size: int, batch_delay_s: float, batch_s: float) -> list[list[int]]:
@@ -13,16 +13,16 @@ def run_requests(arrivals: list[float], batch_size: int, batch_delay_s: float, b
     batches = []
 
     async def run_batch(batch):
-        batches.append([pending.request for pending in batch])
+        batches.append([queued.request for queued in batch])
         await asyncio.sleep(batch_s)
-        return [f"answer {pending.request}" for pending in batch]
+        return [f"answer {queued.request}" for queued in batch]
 
     async def main():
-        queue = ray_serve.BatchQueue(run_batch, batch_size, batch_delay_s)
+        queue = queues.BatchQueue(run_batch, batch_size, batch_delay_s)
 
         async def client(index, at):
             await asyncio.sleep(at)
-            assert await queue.outcome(ray_serve.Pending(index)) == f"answer {index}"
+            assert await queue.result(queues.QueuedRequest(index)) == f"answer {index}"
 
         await asyncio.gather(*(client(index, at) for index, at in enumerate(arrivals)))
 
@@ -46,16 +46,16 @@ def test_a_request_whose_client_left_is_not_generated():
     batches = []
 
     async def run_batch(batch):
-        batches.append([pending.request for pending in batch])
+        batches.append([queued.request for queued in batch])
         await asyncio.sleep(0.1)
         return [None] * len(batch)
 
     async def main():
-        queue = ray_serve.BatchQueue(run_batch, 4, 0.001)
-        first = asyncio.ensure_future(queue.outcome(ray_serve.Pending("first")))
+        queue = queues.BatchQueue(run_batch, 4, 0.001)
+        first = asyncio.ensure_future(queue.result(queues.QueuedRequest("first")))
         await asyncio.sleep(0.01)
-        gone = asyncio.ensure_future(queue.outcome(ray_serve.Pending("gone")))
-        kept = asyncio.ensure_future(queue.outcome(ray_serve.Pending("kept")))
+        gone = asyncio.ensure_future(queue.result(queues.QueuedRequest("gone")))
+        kept = asyncio.ensure_future(queue.result(queues.QueuedRequest("kept")))
         await asyncio.sleep(0.01)
         gone.cancel()  # its client disconnected while the first batch ran
         await asyncio.gather(first, kept)

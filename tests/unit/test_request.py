@@ -10,7 +10,7 @@ from handlers.core.config import GenerationDefaults, Limits, load_handler_config
 from handlers.core.errors import RequestError
 from handlers.core.request import MAX_SEED, Adapters, parse_request
 from handlers.core.schedulers import SCHEDULERS
-from handlers.envelopes import merge_v2_inputs, read_row
+from handlers.torchserve.envelopes import merge_v2_inputs, read_row
 
 DEFAULTS = GenerationDefaults()
 LIMITS = Limits()

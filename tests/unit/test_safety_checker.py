@@ -16,7 +16,7 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor
 
-from archiver.tiny import build_tiny_pipeline
+from devtools.models.tiny import build_tiny_pipeline
 from tests.unit.helpers import pixels, run_json, serve
 
 REQUEST = {"prompt": "a red square", "seed": 5, "num_images_per_prompt": 2, "output_format": "json"}

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.harness.torchserve import TorchServe
+from devtools.harness.torchserve import TorchServe
 
 KEYS = {kind: {"key": f"{kind}-key"} for kind in ("inference", "management", "API")}
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from archiver.cli import main as archiver_main
-from archiver.digits import DigitsOracle
+from devtools.models.digits import DigitsOracle
 from tests.unit.helpers import run_json, served_family
 
 FLOOR = 0.8  # of 10 digits; the default settings draw all 10 (the oracle test: >= 90 % of 50)

@@ -24,8 +24,8 @@ from pathlib import Path
 import psutil
 
 from archiver.cli import main as archiver_main
-from tests.harness.ray_cluster import RayServeCluster
-from tests.harness.torchserve import TorchServe
+from devtools.harness.ray_cluster import RayServeCluster
+from devtools.harness.torchserve import TorchServe
 
 MODEL = "digits"
 CONCURRENCIES = (1, 8)

@@ -1,5 +1,5 @@
 """SDXL and FLUX.1-dev full-size architectures with random weights, built from their published
-configs: no download. SD 1.5's is in archiver/sd15.py.
+configs: no download. SD 1.5's is in sd15.py.
 
 For GPU benchmarks (`scripts/bench.py --gpu`), where speed depends on shapes, not on trained weights.
 The builders initialise on the device and dtype they are given: FLUX.1-dev has 12 billion parameters.
@@ -18,8 +18,8 @@ from diffusers import (
 )
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
-from archiver.sd15 import build_sd15_random_pipeline, clip_config, clip_l, initialised_on, sd_vae
-from archiver.tiny import build_t5_tokenizer, build_tokenizer, sd_scheduler_config
+from devtools.models.sd15 import build_sd15_random_pipeline, clip_config, clip_l, initialised_on, sd_vae
+from devtools.models.tiny import build_t5_tokenizer, build_tokenizer, sd_scheduler_config
 
 T5_VOCAB_SIZE = 32128
 

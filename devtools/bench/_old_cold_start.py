@@ -25,8 +25,8 @@ import psutil
 import torch
 
 from archiver.build import REPO_ROOT
-from archiver.sd15 import build_sd15_random_pipeline
-from tests.harness.torchserve import TorchServe
+from devtools.models.sd15 import build_sd15_random_pipeline
+from devtools.harness.torchserve import TorchServe
 from gpu_bench import timed_predict
 
 SIZE, STEPS = 256, 1

@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 
 from archiver.build import ServingConfig, build_archive
-from archiver.fullsize import BUILDERS
-from tests.harness.torchserve import TorchServe
-from archiver.tiny import build_tiny_pipeline
+from devtools.models.fullsize import BUILDERS
+from devtools.harness.torchserve import TorchServe
+from devtools.models.tiny import build_tiny_pipeline
 from handlers.core.config import HandlerConfig
 from handlers.core.pipelines import DTYPES, apply_memory_options, compile_denoiser, load_pipeline
 

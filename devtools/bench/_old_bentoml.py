@@ -23,7 +23,7 @@ import yaml
 
 from archiver.build import REPO_ROOT
 from archiver.cli import main as archiver_main
-from tests.harness.torchserve import OwnedServer, TorchServe, free_port
+from devtools.harness.torchserve import OwnedServer, TorchServe, free_port
 
 SERVICE_DIR = REPO_ROOT / "scripts" / "baseline"
 TARGETS = {"c1_1_step": ("<=", 1.1), "c1_25_steps": ("<=", 1.1), "c8_25_steps": (">=", 2.0)}

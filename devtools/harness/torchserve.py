@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from archiver.build import REPO_ROOT
+from devtools import REPO_ROOT
 
 TORCHSERVE = Path(sys.executable).parent / "torchserve"
 

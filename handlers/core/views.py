@@ -1,4 +1,4 @@
-"""Samplers by name, and the pipeline views (task x ControlNet x sampler) that share the loaded weights."""
+"""Pipeline views: one pipeline per task x ControlNet x sampler, all sharing the loaded weights."""
 
 import diffusers
 from diffusers import (

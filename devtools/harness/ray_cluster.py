@@ -1,5 +1,5 @@
 """A real Ray cluster (a head node and optional worker nodes, each started with `ray start`) serving
-handlers/ray_serve.py, inside a network namespace of its own that has only loopback.
+handlers/ray/, inside a network namespace of its own that has only loopback.
 
 Outside such a namespace Ray reports the machine's outward-facing address as every node's address,
 even with --node-ip-address=127.0.0.1 (it replaces loopback on purpose), and this project's machines
@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from archiver.build import REPO_ROOT
+from devtools import REPO_ROOT
 
 CLONE_NEWNET = 0x40000000
 BIN = Path(sys.executable).parent
@@ -92,7 +92,7 @@ class RayServeCluster:
                  replicas: int = 1, cpus_per_node: int = 2, deploy_options: tuple[str, ...] = (), dashboard: bool = False):
         self.workdir, self.models = workdir, {name: str(source) for name, source in models.items()}
         self.nodes, self.replicas, self.cpus_per_node = nodes, replicas, cpus_per_node
-        self.deploy_options = deploy_options  # more arguments for python -m handlers.ray_serve
+        self.deploy_options = deploy_options  # more arguments for python -m handlers.ray
         self.dashboard = dashboard  # Ray's state API (ray.util.state) answers through the dashboard
         self.namespace: LoopbackNamespace | None = None
         self.clients = ThreadPoolExecutor(16, initializer=self._enter_namespace)
@@ -132,7 +132,7 @@ class RayServeCluster:
             for resources in others:
                 self.run(["ray", "start", f"--address=127.0.0.1:{GCS_PORT}", f"--resources={json.dumps(resources)}", *common])
             for name, source in self.models.items():  # one application per model, at /predictions/<name>
-                self.run([sys.executable, "-m", "handlers.ray_serve", "--source", source, "--model-name", name,
+                self.run([sys.executable, "-m", "handlers.ray", "--source", source, "--model-name", name,
                           "--replicas", str(self.replicas), "--address", f"127.0.0.1:{GCS_PORT}", *self.deploy_options],
                          600)
         except BaseException:

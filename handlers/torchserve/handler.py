@@ -1,7 +1,7 @@
 """TorchServe's adapter: a BaseHandler over the core's DiffusionService. It reads TorchServe's rows and
-envelopes, and writes the service's answers, errors, progress lines and metrics back through TorchServe's
-context."""
+envelopes, and writes the service's answers, progress lines and metrics back through TorchServe's context."""
 
+import json
 import logging
 from http import HTTPStatus
 from pathlib import Path
@@ -9,13 +9,15 @@ from pathlib import Path
 from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
 
-from handlers.core.codecs import JSON, NDJSON, progress_line
+from handlers.core.answers import Answer, progress_line
+from handlers.core.bodies import merge_v2_inputs
 from handlers.core.config import load_handler_config
 from handlers.core.errors import PayloadTooLarge, RequestError
-from handlers.core.request import GenerationRequest
-from handlers.core.service import Answer, DiffusionService
-from handlers.envelopes import answer_bound, enveloped_answer, is_v2_inputs, merge_v2_inputs, read_row
-from handlers.metrics import TorchServeMetrics
+from handlers.core.formats import JSON, NDJSON
+from handlers.core.schema import GenerationRequest
+from handlers.core.service import DiffusionService
+from handlers.torchserve.envelopes import answer_bound, enveloped_answer, is_v2_inputs, read_row
+from handlers.torchserve.metrics import TorchServeMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -31,11 +33,14 @@ class DiffusersHandler(BaseHandler):
         self.answer_bound = answer_bound(self.config.service_envelope)
         properties = context.system_properties
         self.service = DiffusionService(
-            Path(properties["model_dir"]), self.config, properties.get("gpu_id"), self.answer_bound
+            Path(properties["model_dir"]), self.config, properties.get("gpu_id"), self.answer_bound, context.model_name
         )
         self.metrics = TorchServeMetrics(context.metrics)
-        self.model_name = context.model_name
         self.initialized = True
+
+    def describe_handle(self):
+        """What `GET /models/{name}?customized=true` shows as customizedMetadata: this model's request schema."""
+        return json.dumps(self.service.describe())
 
     def preprocess(self, data):
         if self.enveloped and not data:
@@ -90,26 +95,25 @@ class DiffusersHandler(BaseHandler):
 
     def inference(self, data, *args, **kwargs):
         streaming = {id(request): index for index, request in enumerate(data) if getattr(request, "stream", False)}
-        return self.service.generate(data, self._stream_progress(streaming) if streaming else None)
+        return data, self.service.generate(data, self._stream_progress(streaming) if streaming else None)
 
     def postprocess(self, data):
-        encode = (lambda request, images, flags: (enveloped_answer(request, images, flags), JSON)) if self.enveloped else None
-        answers = [self.service.encode(outcome, self._request_id(index), encode) for index, outcome in enumerate(data)]
+        requests, results = data
+        encode = enveloped_answer if self.enveloped else None
+        answers = [
+            self.service.answer(request, result, self._request_id(index), encode)
+            for index, (request, result) in enumerate(zip(requests, results))
+        ]
         self._record_metrics(answers)
         if self.enveloped:
             return self._enveloped_responses(answers)
-        responses = []
         for index, answer in enumerate(answers):
-            if isinstance(answer, RequestError):
+            if answer.status != 200:
                 self.context.set_response_status(answer.status, HTTPStatus(answer.status).phrase, index)
-                self.context.set_response_content_type(index, JSON)
-                responses.append(answer.to_json())
-                continue
             self.context.set_response_content_type(index, answer.content_type)
             for name, value in answer.headers.items():
                 self.context.set_response_header(index, name, value)
-            responses.append(answer.body)
-        return responses
+        return [answer.body for answer in answers]
 
     def _stream_progress(self, streaming: dict[int, int]):
         """Send each streaming request of a group one JSON line per step, as a TorchServe intermediate response."""
@@ -134,24 +138,23 @@ class DiffusersHandler(BaseHandler):
 
         return on_step
 
-    def _record_metrics(self, answers: list[Answer | RequestError]) -> None:
+    def _record_metrics(self, answers: list[Answer]) -> None:
         for index, answer in enumerate(answers):
             request_id = self._request_id(index)
             try:
-                self.metrics.record(self.service.metric_events(answer, self.model_name), request_id)
+                self.metrics.record(answer.metrics, request_id)
             except Exception:  # noqa: BLE001 - a metric is never worth an answer
                 logger.exception("recording metrics for request %s failed", request_id)
 
     def _request_id(self, index: int) -> str:
         return (getattr(self.context, "request_ids", None) or {}).get(index, f"#{index}")
 
-    def _enveloped_responses(self, data):
+    def _enveloped_responses(self, answers: list[Answer]) -> list:
         """Inside a KServe envelope all instances share one HTTP response, so errors travel as values."""
-        responses = [answer.to_dict() if isinstance(answer, RequestError) else answer.body for answer in data]
-        errors = [answer for answer in data if isinstance(answer, RequestError)]
-        if errors and len(errors) == len(data):
+        errors = [answer for answer in answers if answer.status != 200]
+        if errors and len(errors) == len(answers):
             self.context.set_response_status(errors[0].status, HTTPStatus(errors[0].status).phrase, 0)
-        return responses
+        return [answer.error if answer.status != 200 else answer.body for answer in answers]
 
     def _header(self, index: int, name: str):
         """A request header by case-insensitive name; none inside an envelope, where rows are not requests."""
@@ -159,4 +162,3 @@ class DiffusersHandler(BaseHandler):
             return None
         headers = self.context.get_all_request_header(index)
         return next((value for key, value in headers.items() if key.lower() == name.lower()), None)
-

@@ -18,7 +18,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from archiver.tiny import assemble_sd_pipeline, clip_text_encoder, tiny_vae, write_tokenizer_files
+from archiver.sources import DIGITS_DIR
+from devtools.models.tiny import assemble_sd_pipeline, clip_text_encoder, tiny_vae, write_tokenizer_files
 
 IMAGE_SIZE = 64  # the request API's smallest size; the VAE's 8x downsampling gives the digits' own 8x8
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -31,7 +32,7 @@ TEMPLATES = (
 )
 MAX_PROMPT_TOKENS = 16
 TRAIN_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent / "models" / "tiny-digits"
+DEFAULT_WEIGHTS_DIR = DIGITS_DIR  # retraining writes over the shipped weights
 
 
 @dataclass

@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from archiver.build import REPO_ROOT, ServingConfig, build_archive  # noqa: E402
 from archiver.cli import main as archiver_main  # noqa: E402
-from tests.harness.torchserve import TorchServe  # noqa: E402
-from archiver.tiny import build_tiny_pipeline  # noqa: E402
+from devtools.harness.torchserve import TorchServe  # noqa: E402
+from devtools.models.tiny import build_tiny_pipeline  # noqa: E402
 import bentoml_bench  # noqa: E402  (beside this script)
 import ray_bench  # noqa: E402  (beside this script)
 import cold_start_bench  # noqa: E402
@@ -344,7 +344,7 @@ SPEED_TARGET = (0.9, 0.25)  # accuracy at least, time per image at most this sha
 
 def measure_speed_settings(workdir: Path, count: int) -> dict:
     """Time per image end to end (c=1, through TorchServe, serve.sh's archive settings) and digits accuracy, per setting."""
-    from archiver.digits import DigitsOracle
+    from devtools.models.digits import DigitsOracle
 
     store = workdir / "speed-store"
     archives = {"speed_default": {}}

@@ -2,7 +2,7 @@
 
 For GPU benchmarks (`scripts/bench.py --gpu`) and real-size tests, where speed and memory depend on
 shapes, not on trained weights. Its CLIP text encoder and VAE are shared by SDXL and FLUX
-(archiver/fullsize.py).
+(fullsize.py).
 """
 
 from contextlib import contextmanager
@@ -12,7 +12,7 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from archiver.tiny import assemble_sd_pipeline, build_tokenizer, sd_scheduler_config
+from devtools.models.tiny import assemble_sd_pipeline, build_tokenizer, sd_scheduler_config
 
 CLIP_VOCAB_SIZE = 49408  # CLIP's embedding size; our offline character-level tokenizer uses its first ids
 

@@ -1,0 +1,65 @@
+"""What TorchServe delivers and takes back: its request rows (a body, form fields, or a KServe instance),
+KServe's service envelopes, and the answers an envelope carries. The core sees only a request's fields."""
+
+import json
+from typing import Any
+
+import numpy as np
+
+from handlers.core.answers import Generation, answer_size_bound, document_size_bound, json_document, numpy_size_bound
+from handlers.core.bodies import fields_from_body, fields_from_form, instance_fields
+from handlers.core.errors import RequestError
+from handlers.core.formats import numpy_list
+from handlers.core.limits import AnswerBound
+from handlers.core.schema import GenerationRequest
+
+
+def read_row(row: Any, body_type: str | None = None) -> dict[str, Any]:
+    """A request's fields, from whichever shape TorchServe delivered; body_type is the body's Content-Type."""
+    if isinstance(row, str):  # a KServe v1 instance, unwrapped by TorchServe's kserve envelope
+        return instance_fields(row)
+    if not isinstance(row, dict):
+        raise RequestError("expected a prompt or an object of request fields", field="body")
+    if "body" in row:
+        return fields_from_body(row["body"], body_type)
+    # Form fields (urlencoded or multipart) and KServe instances arrive as the row's own keys.
+    return fields_from_form(row)
+
+
+def is_v2_inputs(rows: list) -> bool:
+    """Rows that TorchServe's kservev2 envelope made out of one request's inputs."""
+    return bool(rows) and all(isinstance(row, dict) and {"name", "datatype", "data"} <= row.keys() for row in rows)
+
+
+def enveloped_answer(request: GenerationRequest, generation: Generation) -> tuple[Any, str]:
+    """Inside a KServe envelope TorchServe JSON-encodes the answer itself: JSON values, not text or bytes."""
+    if request.output_format == "numpy":
+        return numpy_list(generation.images), "application/json"
+    return json_document(request, generation), "application/json"
+
+
+def answer_bound(envelope: str) -> AnswerBound:
+    """The most bytes an answer can take on the wire under this service_envelope."""
+    if envelope == "none":
+        return answer_size_bound
+    return lambda request: enveloped_answer_size_bound(request, envelope)
+
+
+def enveloped_answer_size_bound(request: GenerationRequest, envelope: str) -> int:
+    """TorchServe re-serialises an enveloped answer with json.dumps(indent=2), which the bound includes."""
+    if request.output_format == "numpy":
+        return numpy_size_bound(request.height, request.width, request.image_count, NUMPY_SIZES[envelope])
+    return document_size_bound(request, lambda document: json.dumps({"predictions": [document]}, indent=2))
+
+
+def _kserve_numpy_size(images) -> int:
+    return len(json.dumps({"predictions": [numpy_list(images)]}, indent=2))
+
+
+def _kservev2_numpy_size(images) -> int:
+    flat = np.asarray(numpy_list(images)).flatten().tolist()  # its envelope flattens the array into one list
+    output = {"name": "prompt", "datatype": "INT64", "data": flat, "shape": [len(flat)]}
+    return len(json.dumps({"id": "", "model_name": "", "model_version": "", "outputs": [output]}, indent=2))
+
+
+NUMPY_SIZES = {"kserve": _kserve_numpy_size, "kservev2": _kservev2_numpy_size}

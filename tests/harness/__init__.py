@@ -1,1 +1,0 @@
-"""Test and benchmark tooling: real servers started, driven and stopped for tests/ and scripts/bench.py."""
