@@ -21,7 +21,7 @@ from pathlib import Path
 import requests
 import yaml
 
-from archiver.build import REPO_ROOT
+from devtools import REPO_ROOT
 from archiver.cli import main as archiver_main
 from devtools.harness.torchserve import OwnedServer, TorchServe, free_port
 

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import psutil
 import torch
 
-from archiver.build import REPO_ROOT
+from devtools import REPO_ROOT
 from devtools.models.sd15 import build_sd15_random_pipeline
 from devtools.harness.torchserve import TorchServe
 from gpu_bench import timed_predict

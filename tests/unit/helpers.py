@@ -60,9 +60,12 @@ def numpy_image(answer: Answer) -> np.ndarray:
     return np.array(json.loads(answer.body), dtype="uint8")
 
 
-def pixels(answer: Answer) -> np.ndarray:
-    assert answer.status == 200, answer.body
-    return np.asarray(Image.open(io.BytesIO(answer.body)).convert("RGB")).astype(int)
+def pixels(image: Answer | bytes) -> np.ndarray:
+    """An image answer's (or an encoded image's) pixels."""
+    if isinstance(image, Answer):
+        assert image.status == 200, image.body
+        image = image.body
+    return np.asarray(Image.open(io.BytesIO(image)).convert("RGB")).astype(int)
 
 
 def document_images(answer: Answer) -> list[Image.Image]:

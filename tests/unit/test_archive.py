@@ -8,8 +8,8 @@ import pytest
 
 from handlers.core.archive import COMPLETE_MARKER, MAX_MEMBERS, locate_pipeline, unpack_once
 from handlers.core.errors import PipelineNotFound, UnsafeArchive
-from handlers.torchserve.handler import DiffusersHandler
-from tests.conftest import make_context, zip_directory
+from tests.conftest import zip_directory
+from tests.unit.helpers import serve
 
 
 def write_zip(path, members):
@@ -148,6 +148,5 @@ def test_a_zip_of_too_many_members_is_refused(tmp_path):
 
 def test_the_handler_section_sets_the_unpack_cap(tmp_path, tiny_pipeline_dir):
     zip_directory(tiny_pipeline_dir, tmp_path / "model.zip")
-    handler = DiffusersHandler()
     with pytest.raises(UnsafeArchive, match="the cap is 1000 "):
-        handler.initialize(make_context(tmp_path, {"max_unpacked_bytes": 1000}))
+        serve(tmp_path, max_unpacked_bytes=1000)

@@ -11,10 +11,13 @@ import pytest
 import yaml
 
 from archiver import build as archiver_build
-from archiver.build import REPO_ROOT, built_from
-from archiver.cli import main, read_properties
+from archiver.build import built_from
+from devtools import REPO_ROOT
+from archiver.cli import main
+from archiver.settings import read_properties
+from devtools.archives import main as build_with_dev_models
 from devtools.harness.torchserve import free_port
-from handlers.core.config import Limits
+from handlers.core.limits import Limits
 from tests.conftest import plant_hostile_files
 
 
@@ -32,7 +35,7 @@ def test_archive_holds_pipeline_handler_package_and_model_config(tmp_path, tiny_
         config = yaml.safe_load(archive.read("model-config.yaml"))
         # zip-store by default: weights do not compress, so nothing is deflated at build or inflated at start.
         assert {info.compress_type for info in archive.infolist()} == {zipfile.ZIP_STORED}
-    assert {"model_index.json", "handler.py", "handlers/core/request.py", "handlers/metrics.yaml", "MAR-INF/MANIFEST.json"} <= names
+    assert {"model_index.json", "handler.py", "handlers/core/request.py", "handlers/core/metrics.yaml", "MAR-INF/MANIFEST.json"} <= names
     assert config["minWorkers"] == config["maxWorkers"] == 1
     assert config["batchSize"] == 4
     assert {"maxBatchDelay", "responseTimeout", "startupTimeout"} <= set(config)
@@ -51,7 +54,7 @@ def test_no_archive_format_writes_a_directory(tmp_path, tiny_pipeline_dir):
     packed = tmp_path / "store" / "d" / "unet" / "diffusion_pytorch_model.safetensors"
     assert packed.read_bytes() == source.read_bytes()
     assert not packed.samefile(source) and source.stat().st_nlink == 1
-    assert (tmp_path / "store" / "d" / "handlers" / "handler.py").is_file()
+    assert (tmp_path / "store" / "d" / "handlers" / "torchserve" / "handler.py").is_file()
 
 
 def test_pickle_only_weights_are_refused_unless_allowed(tmp_path, tiny_pipeline_dir, capsys):
@@ -122,7 +125,7 @@ def test_only_what_the_pipeline_is_made_of_is_packed(tmp_path, tiny_pipeline_dir
         names = set(archive.namelist())
         packed_handler = archive.read("handler.py")
         packed_config = yaml.safe_load(archive.read("model-config.yaml"))
-    assert packed_handler == (REPO_ROOT / "handlers" / "handler.py").read_bytes()  # ours, not the planted one
+    assert packed_handler == (REPO_ROOT / "handlers" / "torchserve" / "handler.py").read_bytes()  # ours, not the planted one
     assert "allow_pickle_weights" not in packed_config["handler"]
     assert not {"yaml.py", "README.md"} & names
     assert archive_member_is_ours(tmp_path / "store" / "clean.mar", "handlers/core/pipelines.py")
@@ -196,18 +199,19 @@ def test_the_handler_default_answer_limit_is_the_shipped_config_s():
     [
         (["--source", "digits"], "combined"),  # its recommended one: small images gain from shared calls
         (["--source", "digits", "--batching", "per_request"], "per_request"),  # bit-identical, asked for
-        (["--source", "tiny"], "auto"),
-        (["--source", "tiny", "--batching", "combined"], "combined"),
+        (["--source", "TINY"], "auto"),
+        (["--source", "TINY", "--batching", "combined"], "combined"),
     ],
 )
-def test_batching_is_the_sources_recommended_one_unless_given(tmp_path, arguments, batching):
+def test_batching_is_the_sources_recommended_one_unless_given(tmp_path, tiny_pipeline_dir, arguments, batching):
+    arguments = [str(tiny_pipeline_dir) if argument == "TINY" else argument for argument in arguments]
     assert main(["build", *arguments, "--model-name", "m", "--export-path", str(tmp_path),
                  "--archive-format", "no-archive"]) == 0
     assert yaml.safe_load((tmp_path / "m" / "model-config.yaml").read_text())["handler"]["batching"] == batching
 
 
 @pytest.mark.parametrize("archive_format", ["default", "no-archive"])
-def test_an_archive_of_another_source_is_replaced_only_with_force(tmp_path, capsys, archive_format):
+def test_an_archive_of_another_source_is_replaced_only_with_force(tmp_path, tiny_pipeline_dir, capsys, archive_format):
     def build_from(source, *extra):
         return main(["build", "--source", source, "--model-name", "m", "--export-path", str(tmp_path),
                      "--archive-format", archive_format, *extra])
@@ -217,17 +221,18 @@ def test_an_archive_of_another_source_is_replaced_only_with_force(tmp_path, caps
     assert built_from(archive) == "digits"
     assert build_from("digits") == 0  # the same source again: a rebuild, no question
     capsys.readouterr()
-    assert build_from("tiny") == 2
+    tiny = str(tiny_pipeline_dir.resolve())
+    assert build_from(tiny) == 2
     error = capsys.readouterr().err
-    assert f"{archive} exists and was built from 'digits', not 'tiny'" in error and "--force" in error
+    assert f"{archive} exists and was built from 'digits', not {tiny!r}" in error and "--force" in error
     assert built_from(archive) == "digits"  # untouched
-    assert build_from("tiny", "--force") == 0
-    assert built_from(archive) == "tiny"
+    assert build_from(tiny, "--force") == 0
+    assert built_from(archive) == tiny
 
 
 def test_an_archive_of_unknown_origin_is_not_replaced_without_force(tmp_path, capsys):
     (tmp_path / "m.mar").write_bytes(b"someone else's archive")
-    assert main(["build", "--source", "tiny", "--model-name", "m", "--export-path", str(tmp_path)]) == 2
+    assert main(["build", "--source", "digits", "--model-name", "m", "--export-path", str(tmp_path)]) == 2
     assert "built from an unknown source" in capsys.readouterr().err
     assert (tmp_path / "m.mar").read_bytes() == b"someone else's archive"
 
@@ -257,6 +262,7 @@ def test_packing_reports_its_progress(tmp_path, tiny_pipeline_dir, capsys, monke
 
 def test_an_archive_with_adapters_records_the_pipeline_source(tmp_path):
     """The adapters' own sources are staged beside it; the archive is still the pipeline's."""
-    assert main(["build", "--source", "tiny", "--lora", "style=tiny", "--controlnet", "canny=tiny",
-                 "--model-name", "m", "--export-path", str(tmp_path), "--archive-format", "no-archive"]) == 0
-    assert built_from(tmp_path / "m") == "tiny"
+    assert build_with_dev_models(["build", "--source", "tiny", "--lora", "style=tiny", "--controlnet", "canny=tiny",
+                                  "--model-name", "m", "--export-path", str(tmp_path), "--archive-format", "no-archive"]) == 0
+    source = built_from(tmp_path / "m")
+    assert Path(source).name.startswith("tiny-") and (Path(source) / "model_index.json").is_file()

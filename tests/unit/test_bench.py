@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from archiver.build import REPO_ROOT
+from devtools import REPO_ROOT
 from devtools.models.fullsize import flux_dev_components, sdxl_components
 from devtools.models.sd15 import sd15_components
 from devtools.models.tiny import build_tokenizer

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from handlers.core.codecs import answer_size_bound, encode_numpy_json, encode_response, numpy_json
+from handlers.core.answers import Generation, answer_size_bound, encode_body
+from handlers.core.formats import encode_numpy_json, numpy_json
+from handlers.core.schema import GenerationRequest
 from handlers.torchserve.envelopes import enveloped_answer, enveloped_answer_size_bound
-from handlers.core.request import GenerationRequest
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 3), (2, 3, 3), (7, 5, 3), (64, 48, 3), (3, 3, 1)])
@@ -35,7 +36,7 @@ def test_the_size_bound_holds_for_the_worst_case_answer(output_format, height, w
                                 quality=100, seed=0)
     images = [Image.new("RGB", (width, height), (255, 255, 255)) if output_format == "numpy" else noise(height, width)
               for _ in range(count)]
-    body, _ = encode_response(request, images)
+    body, _ = encode_body(request, Generation(images, 0.0))
     bound = answer_size_bound(request)
     assert len(body) <= bound
     if output_format == "numpy":
@@ -46,7 +47,7 @@ def test_the_size_bound_holds_for_the_worst_case_answer(output_format, height, w
 def test_the_size_bound_includes_what_the_envelope_adds(envelope):
     request = GenerationRequest(prompt="a cat", height=64, width=64, seed=0)
     images = [Image.new("RGB", (64, 64), (255, 255, 255))]
-    value = enveloped_answer(request, images, None)
+    value, _ = enveloped_answer(request, Generation(images, 0.0))
     if envelope == "kserve":
         body = json.dumps({"predictions": [value]}, indent=2)
     else:

@@ -14,12 +14,10 @@ import pytest
 import torch
 import yaml
 
-from archiver.build import REPO_ROOT
+from devtools import REPO_ROOT
 from devtools.harness.torchserve import free_port
 from devtools.models.tiny import build_tiny_pipeline
-from tests.conftest import make_context
-from tests.unit.helpers import run_json
-from handlers.torchserve.handler import DiffusersHandler
+from tests.unit.helpers import served_family
 
 REPO_ID = "tiny-org/tiny-sd"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -81,12 +79,10 @@ def test_a_variant_is_fetched_packed_and_loaded(tmp_path):
     assert (archive / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
     config = yaml.safe_load((archive / "model-config.yaml").read_text())
     assert config["handler"]["variant"] == "fp16"
-    handler = DiffusersHandler()
-    context = make_context(archive, config["handler"])
-    handler.initialize(context)
-    assert handler.service.pipeline.unet.dtype.is_floating_point
-    [body] = run_json(handler, context, {"prompt": "a red square", "output_format": "png", "seed": 1})
-    assert isinstance(body, bytes) and body.startswith(b"\x89PNG")
+    served = served_family(archive)
+    assert served.service.pipeline.unet.dtype.is_floating_point
+    [answer] = served.post({"prompt": "a red square", "output_format": "png", "seed": 1})
+    assert answer.status == 200 and answer.body.startswith(b"\x89PNG")
 
 
 @pytest.mark.parametrize("variant", ["../fp16", "fp 16", "x" * 40])

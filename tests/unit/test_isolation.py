@@ -9,42 +9,41 @@ import pytest
 import torch
 from PIL import Image
 
+import handlers.core.answers
 import handlers.core.service
-from tests.unit.helpers import WorkerSocket, decode_numpy_response, png_bytes, run, run_json, serve
+from tests.unit.helpers import numpy_image, png_bytes, serve
 
 GOOD = [{"prompt": f"a cat {index}", "seed": index} for index in range(3)]
 
 
 @pytest.fixture(scope="module", params=["per_request", "combined"])
 def served(request, tiny_pipeline_dir):
-    handler, context = serve(tiny_pipeline_dir, batching=request.param)
-    context.combined = request.param == "combined"
-    return handler, context
+    client = serve(tiny_pipeline_dir, batching=request.param)
+    client.combined = request.param == "combined"
+    return client
 
 
 @pytest.fixture(scope="module")
 def solo(served):
     """Each good request's answer when it runs alone."""
-    handler, context = served
-    return [run_json(handler, context, body)[0] for body in GOOD]
+    return [served.post(body)[0] for body in GOOD]
 
 
-def statuses(context, count: int) -> list[int]:
-    return [context.get_response_status(index)[0] for index in range(count)]
+def statuses(answers) -> list[int]:
+    return [answer.status for answer in answers]
 
 
-def assert_neighbours_untouched(context, bodies, bad_position, solo):
+def assert_neighbours_untouched(client, answers, bad_position, solo):
     """The batch-mates got 200 and the pixels they get when run alone.
 
     Exactly, with per_request batching; combined calls move a pixel by a grey level or so against a
     call of one (CPU kernels are not batch-invariant, README), so there the bound is 2 levels.
     """
-    count = len(bodies)
-    good = [decode_numpy_response(body).astype(int) for index, body in enumerate(bodies) if index != bad_position]
-    assert [context.get_response_status(index)[0] for index in range(count) if index != bad_position] == [200] * (count - 1)
-    tolerance = 2 if context.combined else 0
+    good = [answer for index, answer in enumerate(answers) if index != bad_position]
+    assert statuses(good) == [200] * len(good)
+    tolerance = 2 if client.combined else 0
     for got, alone in zip(good, solo):
-        assert np.abs(got - decode_numpy_response(alone).astype(int)).max() <= tolerance
+        assert np.abs(numpy_image(got).astype(int) - numpy_image(alone).astype(int)).max() <= tolerance
 
 
 class PoisonedTextEncoder:
@@ -69,47 +68,47 @@ class PoisonedTextEncoder:
 
 @pytest.mark.parametrize("position", [0, 3])
 def test_a_library_error_during_generation_fails_only_its_own_request(served, solo, position):
-    handler, context = served
+    client = served
     bodies = list(GOOD)
     bodies.insert(position, {"prompt": "poison", "seed": 9})
-    with PoisonedTextEncoder(handler.service.pipeline, "poison", IndexError("index out of range in self")):
-        responses = run_json(handler, context, *bodies)
-    assert statuses(context, 4)[position] == 500
-    error = json.loads(responses[position])
+    with PoisonedTextEncoder(client.service.pipeline, "poison", IndexError("index out of range in self")):
+        responses = client.post(*bodies)
+    assert statuses(responses)[position] == 500
+    error = responses[position].error
     assert "IndexError" in error["error"] and "index out of range" not in error["error"]
-    assert_neighbours_untouched(context, responses, position, solo)
+    assert_neighbours_untouched(client, responses, position, solo)
 
 
 @pytest.mark.parametrize("image_format", ["GIF", "BMP", "TIFF", "ICO", "PPM", "TGA", "PCX"])
 def test_an_image_in_an_undocumented_format_is_refused_before_decoding(served, solo, image_format):
-    handler, context = served
+    client = served
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (10, 200, 30)).save(buffer, format=image_format)
     bad = {"prompt": "a cat", "image": base64.b64encode(buffer.getvalue()).decode()}
-    responses = run_json(handler, context, GOOD[0], bad, *GOOD[1:])
-    assert statuses(context, 4)[1] == 400
-    error = json.loads(responses[1])
+    responses = client.post(GOOD[0], bad, *GOOD[1:])
+    assert statuses(responses)[1] == 400
+    error = responses[1].error
     assert error["field"] == "image" and "not a PNG, JPEG or WebP file" in error["error"]
-    assert_neighbours_untouched(context, responses, 1, solo)
+    assert_neighbours_untouched(client, responses, 1, solo)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "bit-flipped"])
 def test_a_damaged_png_gets_400_naming_the_field(served, solo, damage):
-    handler, context = served
+    client = served
     data = bytearray(png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))))
     if damage == "truncated":
         data = data[: len(data) // 2]
     else:
         data[len(data) // 2] ^= 0xFF
     bad = {"prompt": "a cat", "image": base64.b64encode(bytes(data)).decode()}
-    responses = run_json(handler, context, *GOOD[:2], bad, GOOD[2])
-    assert statuses(context, 4)[2] == 400
-    assert json.loads(responses[2])["field"] == "image"
-    assert_neighbours_untouched(context, responses, 2, solo)
+    responses = client.post(*GOOD[:2], bad, GOOD[2])
+    assert statuses(responses)[2] == 400
+    assert responses[2].error["field"] == "image"
+    assert_neighbours_untouched(client, responses, 2, solo)
 
 
 def test_an_unexpected_error_while_reading_one_request_is_its_own_500(served, solo, monkeypatch):
-    handler, context = served
+    client = served
     real_parse = handlers.core.service.parse_request
 
     def parse_or_fail(fields, *args, **kwargs):
@@ -118,50 +117,26 @@ def test_an_unexpected_error_while_reading_one_request_is_its_own_500(served, so
         return real_parse(fields, *args, **kwargs)
 
     monkeypatch.setattr(handlers.core.service, "parse_request", parse_or_fail)
-    responses = run_json(handler, context, GOOD[0], {"prompt": "unreadable"}, *GOOD[1:])
-    assert statuses(context, 4)[1] == 500
-    assert "failed to read" in json.loads(responses[1])["error"]
-    assert_neighbours_untouched(context, responses, 1, solo)
+    responses = client.post(GOOD[0], {"prompt": "unreadable"}, *GOOD[1:])
+    assert statuses(responses)[1] == 500
+    assert "failed to read" in responses[1].error["error"]
+    assert_neighbours_untouched(client, responses, 1, solo)
 
 
 def test_an_answer_that_fails_to_encode_is_its_own_500(served, solo, monkeypatch):
-    handler, context = served
-    real_encode = handlers.core.service.encode_response
+    client = served
+    real_encode = handlers.core.answers.encode_body
 
-    def encode_or_fail(request, images, *args, **kwargs):
+    def encode_or_fail(request, generation):
         if request.output_format == "webp":
             raise OSError("encoder error -2")
-        return real_encode(request, images, *args, **kwargs)
+        return real_encode(request, generation)
 
-    monkeypatch.setattr(handlers.core.service, "encode_response", encode_or_fail)
-    responses = run_json(handler, context, *GOOD[:2], {"prompt": "a cat", "output_format": "webp"}, GOOD[2])
-    assert statuses(context, 4)[2] == 500
-    assert "failed to encode" in json.loads(responses[2])["error"]
-    assert_neighbours_untouched(context, responses, 2, solo)
-
-
-def test_a_failing_metric_costs_no_answer(served, solo, monkeypatch):
-    handler, context = served
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("metrics cache is gone")
-
-    monkeypatch.setattr(handler.metrics, "record", broken)
-    responses = run_json(handler, context, *GOOD, {"prompt": "a cat", "num_inference_steps": 0})
-    assert statuses(context, 4)[3] == 400
-    assert_neighbours_untouched(context, responses, 3, solo)
-
-
-def test_a_lost_progress_line_costs_neither_the_stream_nor_its_neighbours(served):
-    handler, context = served
-    worker_socket = WorkerSocket(context)
-    worker_socket.worker.close()  # the frontend's end of the socket is gone: every send fails
-    try:
-        responses = run_json(handler, context, {"prompt": "a cat", "stream": True, "seed": 1}, GOOD[0])
-    finally:
-        worker_socket.close()
-    assert statuses(context, 2) == [200, 200]
-    assert json.loads(responses[0])["images"]
+    monkeypatch.setattr(handlers.core.answers, "encode_body", encode_or_fail)
+    responses = client.post(*GOOD[:2], {"prompt": "a cat", "output_format": "webp"}, GOOD[2])
+    assert statuses(responses)[2] == 500
+    assert "failed to encode" in responses[2].error["error"]
+    assert_neighbours_untouched(client, responses, 2, solo)
 
 
 @pytest.mark.parametrize(
@@ -175,32 +150,31 @@ def test_a_lost_progress_line_costs_neither_the_stream_nor_its_neighbours(served
     ids=["NUL", "right-to-left marks", "past the tokenizer", "10000 emoji"],
 )
 def test_unusual_prompts_get_an_image_or_a_clear_400(served, solo, prompt, status):
-    handler, context = served
-    responses = run_json(handler, context, GOOD[0], {"prompt": prompt, "seed": 3}, *GOOD[1:])
-    assert statuses(context, 4)[1] == status
+    client = served
+    responses = client.post(GOOD[0], {"prompt": prompt, "seed": 3}, *GOOD[1:])
+    assert statuses(responses)[1] == status
     if status == 400:
-        error = json.loads(responses[1])
-        assert error["field"] == "prompt" and len(responses[1]) < 1000
-    assert_neighbours_untouched(context, responses, 1, solo)
+        error = responses[1].error
+        assert error["field"] == "prompt" and len(responses[1].body) < 1000
+    assert_neighbours_untouched(client, responses, 1, solo)
 
 
 def test_a_lone_surrogate_is_a_400_not_a_tokenizer_crash(served, solo):
-    handler, context = served
+    client = served
     body = '{"prompt": "a cat \\ud800", "seed": 3}'.encode()
-    rows = [{"body": json.dumps(GOOD[0]).encode()}, {"body": body}]
-    responses = run(handler, context, rows, ["application/json"] * 2)
-    assert statuses(context, 2)[1] == 400
-    error = json.loads(responses[1])
+    responses = client.post(json.dumps(GOOD[0]).encode(), body)
+    assert statuses(responses)[1] == 400
+    error = responses[1].error
     assert error["field"] == "prompt" and "surrogate" in error["error"]
-    assert_neighbours_untouched(context, responses, 1, solo[:1])
+    assert_neighbours_untouched(client, responses, 1, solo[:1])
 
 
 @pytest.mark.parametrize(
     "field, value", [("prompt", "x" * 1_000_000), ("scheduler", "z" * 1_000_000), ("x" * 1_000_000, 1)]
 )
 def test_error_bodies_quote_only_a_short_excerpt_of_the_input(served, field, value):
-    handler, context = served
+    client = served
     body = {"prompt": "a cat", field: value}
-    [response] = run_json(handler, context, body)
-    assert context.get_response_status(0)[0] == 400
-    assert len(response) < 2000, response[:300]
+    [response] = client.post(body)
+    assert response.status == 400
+    assert len(response.body) < 2000, response.body[:300]

@@ -10,65 +10,64 @@ import torch
 from diffusers.models.attention_processor import SlicedAttnProcessor
 from torch._dynamo.utils import counters
 
-from archiver.build import REPO_ROOT
+from devtools import REPO_ROOT
 from handlers.core.config import HandlerConfig
 from handlers.core.pipelines import apply_memory_options, compile_denoiser, load_pipeline
-from tests.unit.helpers import pixels, run_json, serve, served_family
+from tests.unit.helpers import pixels, serve, served_family
 
 
 def generates(served) -> bool:
-    handler, context = served
-    [body] = run_json(handler, context, {"prompt": "a cat", "output_format": "png"})
-    return isinstance(body, bytes) and body.startswith(b"\x89PNG")
+    [answer] = served.post({"prompt": "a cat", "output_format": "png"})
+    return answer.status == 200 and answer.body.startswith(b"\x89PNG")
 
 
 def test_no_option_leaves_the_pipeline_as_loaded(tiny_pipeline_dir):
-    handler, _ = served = serve(tiny_pipeline_dir)
-    processors = handler.service.pipeline.unet.attn_processors.values()
+    served = serve(tiny_pipeline_dir)
+    processors = served.service.pipeline.unet.attn_processors.values()
     assert not any(isinstance(processor, SlicedAttnProcessor) for processor in processors)
-    assert not handler.service.pipeline.vae.use_slicing and not handler.service.pipeline.vae.use_tiling
-    assert getattr(handler.service.pipeline.unet, "_hf_hook", None) is None
+    assert not served.service.pipeline.vae.use_slicing and not served.service.pipeline.vae.use_tiling
+    assert getattr(served.service.pipeline.unet, "_hf_hook", None) is None
     assert generates(served)
 
 
 def test_attention_slicing(tiny_pipeline_dir):
-    handler, _ = served = serve(tiny_pipeline_dir, attention_slicing="max")
-    processors = [p for p in handler.service.pipeline.unet.attn_processors.values() if isinstance(p, SlicedAttnProcessor)]
+    served = serve(tiny_pipeline_dir, attention_slicing="max")
+    processors = [p for p in served.service.pipeline.unet.attn_processors.values() if isinstance(p, SlicedAttnProcessor)]
     assert processors and all(processor.slice_size == 1 for processor in processors)
     assert generates(served)
 
 
 @pytest.mark.parametrize("option, flag", [("vae_slicing", "use_slicing"), ("vae_tiling", "use_tiling")])
 def test_vae_slicing_and_tiling(tiny_pipeline_dir, option, flag):
-    handler, _ = served = serve(tiny_pipeline_dir, **{option: True})
-    assert getattr(handler.service.pipeline.vae, flag)
+    served = serve(tiny_pipeline_dir, **{option: True})
+    assert getattr(served.service.pipeline.vae, flag)
     assert generates(served)
 
 
 def test_channels_last(tiny_pipeline_dir):
-    handler, _ = served = serve(tiny_pipeline_dir, channels_last=True)
-    convolution = handler.service.pipeline.unet.conv_in.weight
+    served = serve(tiny_pipeline_dir, channels_last=True)
+    convolution = served.service.pipeline.unet.conv_in.weight
     assert convolution.is_contiguous(memory_format=torch.channels_last) and not convolution.is_contiguous()
-    assert handler.service.pipeline.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert served.service.pipeline.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert generates(served)
 
 
 def test_fused_qkv_projections_fuse_the_unet_and_keep_the_image(tiny_pipeline_dir):
     """(The tiny VAE has no attention to fuse.)"""
     body = {"prompt": "a cat", "output_format": "png", "seed": 3}
-    handler, context = serve(tiny_pipeline_dir, fuse_qkv_projections=True)
-    processors = handler.service.pipeline.unet.attn_processors.values()
+    served = serve(tiny_pipeline_dir, fuse_qkv_projections=True)
+    processors = served.service.pipeline.unet.attn_processors.values()
     assert {type(processor).__name__ for processor in processors} == {"FusedAttnProcessor2_0"}
-    [fused] = run_json(handler, context, body)
-    [unfused] = run_json(*serve(tiny_pipeline_dir), body)
+    [fused] = served.post(body)
+    [unfused] = serve(tiny_pipeline_dir).post(body)
     assert np.abs(pixels(fused) - pixels(unfused)).max() <= 2  # one matmul instead of three: rounding only
 
 
 def test_attention_backend_reaches_a_dispatching_transformer(family_archives):
-    handler, _ = served = served_family(family_archives["flux"], attention_backend="_native_math")
+    served = served_family(family_archives["flux"], attention_backend="_native_math")
     backends = {
         getattr(module.processor, "_attention_backend", None)
-        for module in handler.service.pipeline.transformer.modules() if hasattr(module, "processor")
+        for module in served.service.pipeline.transformer.modules() if hasattr(module, "processor")
     }
     assert {getattr(backend, "value", backend) for backend in backends} == {"_native_math"}
     assert generates(served)
@@ -95,21 +94,21 @@ def test_model_cpu_offload_installs_cuda_hooks_and_leaves_the_weights_on_the_cpu
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="running model offload's hooks needs CUDA; no GPU here")
 def test_model_cpu_offload_runs_each_model_on_the_gpu_and_puts_it_back(tiny_pipeline_dir):
-    handler, _ = served = serve(tiny_pipeline_dir, gpu_id=0, cpu_offload="model")
+    served = serve(tiny_pipeline_dir, gpu_id=0, cpu_offload="model")
     seen = []
-    hook = handler.service.pipeline.unet.register_forward_pre_hook(lambda module, args: seen.append(module.conv_in.weight.device.type))
+    hook = served.service.pipeline.unet.register_forward_pre_hook(lambda module, args: seen.append(module.conv_in.weight.device.type))
     try:
         assert generates(served)
     finally:
         hook.remove()
     assert set(seen) == {"cuda"}
-    assert handler.service.pipeline.unet.conv_in.weight.device.type == "cpu"
+    assert served.service.pipeline.unet.conv_in.weight.device.type == "cpu"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="sequential offload installs CUDA-only hooks; no GPU here")
 def test_sequential_cpu_offload_moves_layers_as_they_run(tiny_pipeline_dir):
-    handler, _ = served = serve(tiny_pipeline_dir, gpu_id=0, cpu_offload="sequential")
-    assert type(handler.service.pipeline.unet._hf_hook).__name__ == "AlignDevicesHook"
+    served = serve(tiny_pipeline_dir, gpu_id=0, cpu_offload="sequential")
+    assert type(served.service.pipeline.unet._hf_hook).__name__ == "AlignDevicesHook"
     assert generates(served)
 
 
@@ -140,26 +139,26 @@ def test_cpu_offload_on_a_cpu_worker_is_a_clear_error(tiny_pipeline_dir):
 
 @pytest.mark.parametrize("name, dtype", [("bfloat16", torch.bfloat16), ("float32", torch.float32)])
 def test_torch_dtype(tiny_pipeline_dir, name, dtype):
-    handler, _ = served = serve(tiny_pipeline_dir, torch_dtype=name)
-    assert handler.service.pipeline.unet.dtype == handler.service.pipeline.vae.dtype == handler.service.pipeline.text_encoder.dtype == dtype
+    served = serve(tiny_pipeline_dir, torch_dtype=name)
+    assert served.service.pipeline.unet.dtype == served.service.pipeline.vae.dtype == served.service.pipeline.text_encoder.dtype == dtype
     assert generates(served)
 
 
 def test_default_scheduler_applies_unless_the_request_names_one(tiny_pipeline_dir):
-    handler, context = serve(tiny_pipeline_dir, scheduler="euler", output_format="json")
-    [body] = run_json(handler, context, {"prompt": "a cat"})
-    assert json.loads(body)["parameters"]["scheduler"] == "euler"
-    [body] = run_json(handler, context, {"prompt": "a cat", "scheduler": "ddim"})
-    assert json.loads(body)["parameters"]["scheduler"] == "ddim"
-    view = handler.service.generator.views.pipeline_for("txt2img", scheduler="euler")
+    served = serve(tiny_pipeline_dir, scheduler="euler", output_format="json")
+    [answer] = served.post({"prompt": "a cat"})
+    assert json.loads(answer.body)["parameters"]["scheduler"] == "euler"
+    [answer] = served.post({"prompt": "a cat", "scheduler": "ddim"})
+    assert json.loads(answer.body)["parameters"]["scheduler"] == "ddim"
+    view = served.service.generator.views.pipeline_for("txt2img", scheduler="euler")
     assert type(view.scheduler).__name__ == "EulerDiscreteScheduler"
 
 
 def test_torch_compile_is_warmed_up_in_initialize(tiny_pipeline_dir):
     """Inductor compiles the tiny UNet (about 40 s on 2 cores) during initialize, not in the first request."""
     graphs_before = counters["stats"]["unique_graphs"]
-    handler, _ = served = serve(tiny_pipeline_dir, torch_compile=True)
-    assert handler.service.pipeline.unet._compiled_call_impl is not None
+    served = serve(tiny_pipeline_dir, torch_compile=True)
+    assert served.service.pipeline.unet._compiled_call_impl is not None
     graphs_after_warm_up = counters["stats"]["unique_graphs"]
     assert graphs_after_warm_up > graphs_before
     assert generates(served)
@@ -172,25 +171,22 @@ def test_an_unknown_option_is_refused_with_the_allowed_ones(tiny_pipeline_dir):
 
 
 def test_options_reach_the_sdxl_refiner_too(family_archives):
-    handler, _ = served = served_family(family_archives["sdxl"], vae_slicing=True, attention_slicing="auto")
-    refiner = handler.service.generator.refiner
-    assert refiner.vae is handler.service.pipeline.vae and refiner.vae.use_slicing
+    served = served_family(family_archives["sdxl"], vae_slicing=True, attention_slicing="auto")
+    refiner = served.service.generator.refiner
+    assert refiner.vae is served.service.pipeline.vae and refiner.vae.use_slicing
     assert any(isinstance(p, SlicedAttnProcessor) for p in refiner.unet.attn_processors.values())
     assert generates(served)
 
 
 WORKER = """
 import json, sys
-from handlers.torchserve.handler import DiffusersHandler
+from pathlib import Path
 from handlers.core.pipelines import compile_counts
-from tests.conftest import SMALL, make_context
-from tests.unit.helpers import run_json
-handler = DiffusersHandler()
-context = make_context(sys.argv[1], {**SMALL, "torch_compile": True, "compile_cache_dir": sys.argv[2]})
-handler.initialize(context)
+from tests.unit.helpers import serve
+served = serve(Path(sys.argv[1]), torch_compile=True, compile_cache_dir=sys.argv[2])
 compiled, loaded = compile_counts()
-[body] = run_json(handler, context, {"prompt": "a cat", "seed": 1})
-print(json.dumps({"compiled": compiled, "loaded": loaded, "status": context.get_response_status(0)[0]}))
+[answer] = served.post({"prompt": "a cat", "seed": 1})
+print(json.dumps({"compiled": compiled, "loaded": loaded, "status": answer.status}))
 """
 
 

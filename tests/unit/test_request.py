@@ -6,11 +6,14 @@ import math
 import pytest
 from PIL import Image
 
-from handlers.core.config import GenerationDefaults, Limits, load_handler_config
+from handlers.core.answers import answer_size_bound
+from handlers.core.bodies import fields_from_body, fields_from_form, instance_fields, merge_v2_inputs
+from handlers.core.config import load_handler_config
 from handlers.core.errors import RequestError
-from handlers.core.request import MAX_SEED, Adapters, parse_request
-from handlers.core.schedulers import SCHEDULERS
-from handlers.torchserve.envelopes import merge_v2_inputs, read_row
+from handlers.core.limits import Limits
+from handlers.core.request import Adapters, parse_request
+from handlers.core.samplers import SAMPLERS
+from handlers.core.schema import MAX_SEED, GenerationDefaults
 
 DEFAULTS = GenerationDefaults()
 LIMITS = Limits()
@@ -18,8 +21,12 @@ ADAPTERS = Adapters(loras=("style", "ink"), controlnets=("canny",))
 
 
 def parse(row, body_type=None, accept=None, defaults=DEFAULTS, limits=LIMITS):
-    """A TorchServe row, read as the TorchServe adapter reads it, then parsed by the core."""
-    return parse_request(read_row(row, body_type), defaults, limits, accept=accept, adapters=ADAPTERS)
+    """A body ({"body": ...}), form fields, or a KServe v1 instance, read by the core's readers, then parsed."""
+    if isinstance(row, str):
+        fields = instance_fields(row)
+    else:
+        fields = fields_from_body(row["body"], body_type) if "body" in row else fields_from_form(row)
+    return parse_request(fields, defaults, limits, answer_size_bound, accept=accept, adapters=ADAPTERS)
 
 
 def parse_json(fields, **options):
@@ -52,7 +59,7 @@ def rejection(fields, **options) -> RequestError:
             id="kserve v2 posted directly",
         ),
         pytest.param({"body": {"inputs": "a cat"}}, "application/json", id="hugging face"),
-        pytest.param("a cat", None, id="kserve v1 instance from the envelope"),
+        pytest.param("a cat", None, id="kserve v1 instance"),
     ],
 )
 def test_every_body_shape_yields_the_prompt(row, body_type):
@@ -193,7 +200,7 @@ def test_invalid_values_are_400s_naming_the_field_and_what_is_allowed(fields, fi
 
 
 def test_unknown_schedulers_and_formats_list_the_known_ones():
-    assert set(rejection({"prompt": "a", "scheduler": "magic"}).allowed["enum"]) == set(SCHEDULERS)
+    assert set(rejection({"prompt": "a", "scheduler": "magic"}).allowed["enum"]) == set(SAMPLERS)
     assert rejection({"prompt": "a", "output_format": "gif"}).allowed["enum"] == ["numpy", "png", "jpeg", "webp", "json"]
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor
 
 from devtools.models.tiny import build_tiny_pipeline
-from tests.unit.helpers import pixels, run_json, serve
+from tests.unit.helpers import pixels, serve
 
 REQUEST = {"prompt": "a red square", "seed": 5, "num_images_per_prompt": 2, "output_format": "json"}
 NEVER = 1e3  # a threshold no cosine distance reaches
@@ -68,52 +68,52 @@ def checked_dir(tmp_path_factory):
 
 
 def test_nothing_flagged_is_reported_as_such(checked_dir):
-    handler, context = serve(checked_dir)
-    [body] = run_json(handler, context, REQUEST)
-    document = json.loads(body)
+    served = serve(checked_dir)
+    [body] = served.post(REQUEST)
+    document = json.loads(body.body)
     assert document["nsfw_content_detected"] == [False, False]
     assert all(image.max() > 0 for image in decoded(document))
-    [single] = run_json(handler, context, {**REQUEST, "num_images_per_prompt": 1, "output_format": "png"})
-    assert context.get_response_headers(0)["X-NSFW-Content-Detected"] == "false"
+    [single] = served.post({**REQUEST, "num_images_per_prompt": 1, "output_format": "png"})
+    assert single.headers["X-NSFW-Content-Detected"] == "false"
     assert pixels(single).max() > 0
 
 
 def test_only_the_flagged_image_is_replaced_and_the_flags_say_which(checked_dir):
-    handler, context = serve(checked_dir)
-    [clean_body] = run_json(handler, context, REQUEST)
-    clean = decoded(json.loads(clean_body))
+    served = serve(checked_dir)
+    [clean_body] = served.post(REQUEST)
+    clean = decoded(json.loads(clean_body.body))
     # Concept 0 becomes the direction from the second image's embedding to the first's, and its threshold
     # falls between the two images' similarities to it: the checker flags the first image and only the
     # first. (A tiny random vision model embeds two images nearly alike, so the difference is what
     # separates them.)
-    embeds = image_embeds(handler.service.pipeline, [Image.fromarray(image.astype(np.uint8)) for image in clean])
-    checker = handler.service.pipeline.safety_checker
+    embeds = image_embeds(served.service.pipeline, [Image.fromarray(image.astype(np.uint8)) for image in clean])
+    checker = served.service.pipeline.safety_checker
     checker.concept_embeds.data[0] = embeds[0] - embeds[1]
     similarities = cosine_distance(embeds, checker.concept_embeds)[:, 0].tolist()
     assert similarities[0] - similarities[1] > 0.01, similarities  # the checker rounds its scores to 3 places
     checker.concept_embeds_weights.data[0] = sum(similarities) / 2
     flagged_index = 0
 
-    [body] = run_json(handler, context, REQUEST)
-    document = json.loads(body)
+    [body] = served.post(REQUEST)
+    document = json.loads(body.body)
     expected = [index == flagged_index for index in range(2)]
     assert document["nsfw_content_detected"] == expected
     images = decoded(document)
     assert images[flagged_index].max() == 0  # the checker's black image
     assert np.array_equal(images[1 - flagged_index], clean[1 - flagged_index])  # its neighbour untouched
-    assert context.get_response_headers(0)["X-NSFW-Content-Detected"] == ",".join(str(flag).lower() for flag in expected)
+    assert body.headers["X-NSFW-Content-Detected"] == ",".join(str(flag).lower() for flag in expected)
 
 
 def test_the_checker_can_be_turned_off(checked_dir):
-    handler, context = serve(checked_dir, safety_checker=False)
-    assert handler.service.pipeline.safety_checker is None
-    [body] = run_json(handler, context, REQUEST)
-    document = json.loads(body)
+    served = serve(checked_dir, safety_checker=False)
+    assert served.service.pipeline.safety_checker is None
+    [body] = served.post(REQUEST)
+    document = json.loads(body.body)
     assert "nsfw_content_detected" not in document
-    assert "X-NSFW-Content-Detected" not in context.get_response_headers(0)
+    assert "X-NSFW-Content-Detected" not in body.headers
 
 
 def test_a_pipeline_without_a_checker_reports_no_flags(tiny_pipeline_dir):
-    handler, context = serve(tiny_pipeline_dir)
-    [body] = run_json(handler, context, REQUEST)
-    assert "nsfw_content_detected" not in json.loads(body)
+    served = serve(tiny_pipeline_dir)
+    [body] = served.post(REQUEST)
+    assert "nsfw_content_detected" not in json.loads(body.body)

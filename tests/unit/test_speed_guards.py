@@ -9,7 +9,7 @@ from PIL import Image
 
 from archiver.cli import main as archiver_main
 from devtools.models.digits import DigitsOracle
-from tests.unit.helpers import run_json, served_family
+from tests.unit.helpers import served_family
 
 FLOOR = 0.8  # of 10 digits; the default settings draw all 10 (the oracle test: >= 90 % of 50)
 
@@ -45,9 +45,8 @@ def oracle():
 
 
 def accuracy(served, oracle, **fields) -> float:
-    handler, context = served
     bodies = [{"prompt": f"digit {digit}", "seed": 200 + digit, "output_format": "png", **fields} for digit in range(10)]
-    images = [Image.open(io.BytesIO(body)) for body in run_json(handler, context, *bodies)]
+    images = [Image.open(io.BytesIO(answer.body)) for answer in served.post(*bodies)]
     return sum(label == digit for digit, label in enumerate(oracle.labels(images))) / 10
 
 

@@ -12,15 +12,12 @@ from PIL import Image
 
 from tests.unit.helpers import (
     UNetBatchSizes,
-    serve,
-    WorkerSocket,
+    document_images,
     image_base64,
     pixels,
     png_base64,
     png_bytes,
-    progress_lines,
-    run,
-    run_json,
+    serve,
     served_family,
 )
 
@@ -33,10 +30,8 @@ def sd(family_archives):
 
 
 def generate(served, **fields) -> np.ndarray:
-    handler, context = served
-    [body] = run_json(handler, context, {"prompt": "a red square", **PNG, **fields})
-    assert isinstance(body, bytes), body
-    return pixels(body)
+    [answer] = served.post({"prompt": "a red square", **PNG, **fields})
+    return pixels(answer)
 
 
 def gradient(size=(64, 64)) -> Image.Image:
@@ -76,7 +71,7 @@ def test_inpaint_repaints_only_under_the_white_mask(sd):
     right_half = keep_all.copy()
     right_half.paste(255, (32, 0, 64, 64))
     decoded = []
-    hook = sd[0].service.pipeline.vae.decoder.register_forward_pre_hook(lambda module, args: decoded.append(args[0]))
+    hook = sd.service.pipeline.vae.decoder.register_forward_pre_hook(lambda module, args: decoded.append(args[0]))
     try:
         generate(sd, task="inpaint", image=start, mask_image=image_base64(keep_all))
         generate(sd, task="inpaint", image=start, mask_image=image_base64(right_half))
@@ -89,10 +84,9 @@ def test_inpaint_repaints_only_under_the_white_mask(sd):
 
 
 def test_multipart_image_parts_arrive_as_bytes(sd):
-    handler, context = sd
     start = gradient()
-    row = {"prompt": b"a red square", "image": png_bytes(start), "strength": b"0.5", "output_format": b"png", "seed": b"11"}
-    [multipart] = run(handler, context, [row])
+    form = {"prompt": b"a red square", "image": png_bytes(start), "strength": b"0.5", "output_format": b"png", "seed": b"11"}
+    [multipart] = sd.post_form(form)
     assert np.array_equal(pixels(multipart), generate(sd, image=image_base64(start), strength=0.5))
 
 
@@ -109,15 +103,15 @@ def unique_parameter_bytes(*pipelines) -> int:
 
 
 def test_task_views_share_the_loaded_weights(sd):
-    handler, _ = sd
-    views = handler.service.generator.views
-    base_bytes = unique_parameter_bytes(handler.service.pipeline)
+    client = sd
+    views = client.service.generator.views
+    base_bytes = unique_parameter_bytes(client.service.pipeline)
     img2img, inpaint = views.pipeline_for("img2img"), views.pipeline_for("inpaint")
     assert type(img2img).__name__ == "StableDiffusionImg2ImgPipeline"
     assert type(inpaint).__name__ == "StableDiffusionInpaintPipeline"
-    assert img2img.unet is handler.service.pipeline.unet and inpaint.vae is handler.service.pipeline.vae
+    assert img2img.unet is client.service.pipeline.unet and inpaint.vae is client.service.pipeline.vae
     # Measured: all three pipelines together hold exactly the base pipeline's tensor memory.
-    assert unique_parameter_bytes(handler.service.pipeline, img2img, inpaint) == base_bytes > 1_000_000
+    assert unique_parameter_bytes(client.service.pipeline, img2img, inpaint) == base_bytes > 1_000_000
 
 
 def test_controlnet_steers_with_its_conditioning_image(sd):
@@ -139,15 +133,15 @@ def test_controlnet_steers_with_its_conditioning_image(sd):
 def test_controlnet_with_img2img(sd):
     result = generate(sd, image=png_base64(), strength=0.6, controlnet="canny", control_image=png_base64(color=(255, 255, 255)))
     assert result.shape == (64, 64, 3)
-    assert type(sd[0].service.generator.views.pipeline_for("img2img", "canny")).__name__ == "StableDiffusionControlNetImg2ImgPipeline"
+    assert type(sd.service.generator.views.pipeline_for("img2img", "canny")).__name__ == "StableDiffusionControlNetImg2ImgPipeline"
 
 
 def test_lora_adapters_switch_per_request_without_reloading(sd):
-    handler, _ = sd
+    client = sd
     # The layers the adapters target: peft wraps each, keeping the loaded weight as its base_layer.
     targeted = {
         name: module.base_layer.weight
-        for name, module in handler.service.pipeline.unet.named_modules()
+        for name, module in client.service.pipeline.unet.named_modules()
         if hasattr(module, "base_layer") and hasattr(module.base_layer, "weight")
     }
     assert targeted
@@ -161,48 +155,34 @@ def test_lora_adapters_switch_per_request_without_reloading(sd):
     assert np.array_equal(generate(sd, lora="style", lora_weight=0), base)
     assert np.array_equal(generate(sd), base)  # nothing leaks into a request without a LoRA
     assert np.array_equal(generate(sd, lora="style"), style)
-    assert handler.service.pipeline.get_list_adapters()["unet"] == ["style", "ink"]
+    assert client.service.pipeline.get_list_adapters()["unet"] == ["style", "ink"]
     for name, weight in targeted.items():  # switching neither reloaded nor merged into the base weights
         pointer, values = loaded[name]
         assert weight.data_ptr() == pointer and torch.equal(weight, values), name
 
 
 def test_requests_with_different_adapters_share_a_batch(sd):
-    handler, context = sd
     bodies = [{"prompt": "a red square", **PNG}, {"prompt": "a red square", **PNG, "lora": "style"}]
-    plain, styled = run_json(handler, context, *bodies)
+    plain, styled = sd.post(*bodies)
     assert np.array_equal(pixels(plain), generate(sd)) and np.array_equal(pixels(styled), generate(sd, lora="style"))
 
 
 def test_streaming_sends_one_json_line_per_step_then_the_image(sd):
-    handler, context = sd
-    worker_socket = WorkerSocket(context)
-    try:
-        [final, plain] = run_json(handler, context, {"prompt": "a cat", "stream": True, **PNG}, {"prompt": "a cat", **PNG})
-        sent = worker_socket.received()
-    finally:
-        worker_socket.close()
-    progress = progress_lines(sent)
+    progress = []
+    final, plain = sd.post({"prompt": "a cat", "stream": True, **PNG}, {"prompt": "a cat", **PNG}, stream_to=progress)
     steps = 4
-    assert [line["step"] for line in progress] == list(range(1, steps + 1))
+    assert [line["step"] for line in progress] == list(range(1, steps + 1))  # only the streaming request's lines
     assert all(line["total"] == steps for line in progress)
     assert all(later["elapsed"] >= earlier["elapsed"] for earlier, later in zip(progress, progress[1:]))
-    assert sent.count(b'{"step"') == steps  # only the streaming request got progress lines
-    document = json.loads(final)
-    assert final.endswith("\n") and document["content_type"] == "image/png"
-    assert context.get_response_content_type(0) == "application/x-ndjson"
+    document = json.loads(final.body)
+    assert final.body.endswith("\n") and document["content_type"] == "image/png"
+    assert final.content_type == "application/x-ndjson"
     assert np.array_equal(pixels(base64.b64decode(document["images"][0])), pixels(plain))
 
 
 def test_img2img_streams_the_steps_it_runs(sd):
-    handler, context = sd
-    worker_socket = WorkerSocket(context)
-    try:
-        run_json(handler, context, {"prompt": "a cat", "stream": True, "image": png_base64(), "strength": 0.5, **PNG})
-        sent = worker_socket.received()
-    finally:
-        worker_socket.close()
-    progress = progress_lines(sent)
+    progress = []
+    sd.post({"prompt": "a cat", "stream": True, "image": png_base64(), "strength": 0.5, **PNG}, stream_to=progress)
     assert [(line["step"], line["total"]) for line in progress] == [(1, 2), (2, 2)]  # strength 0.5 of 4 steps
 
 
@@ -234,56 +214,56 @@ class OutOfMemoryAbove:
         self.hook.remove()
 
 
-def document_pixels(body: bytes) -> list[np.ndarray]:
-    return [pixels(base64.b64decode(image)) for image in json.loads(body)["images"]]
+def document_pixels(answer) -> list[np.ndarray]:
+    return [np.asarray(image.convert("RGB")).astype(int) for image in document_images(answer)]
 
 
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError, MemoryError], ids=["cuda", "cpu"])
 def test_out_of_memory_retries_in_halves_after_freeing_the_failed_call(sd, error):
-    handler, context = sd
+    client = sd
     request = {"prompt": "a cat", "num_images_per_prompt": 4, "output_format": "json", "seed": 5}
     # What the halves must give: the same two calls of 2 images, made without running out of memory.
-    halves = run_json(handler, context, {**request, "num_images_per_prompt": 2}, {**request, "num_images_per_prompt": 2, "seed": 7})
-    expected = [image for body in halves for image in document_pixels(body)]
-    with UNetBatchSizes(handler) as sizes, OutOfMemoryAbove(handler.service.pipeline.unet, limit=4, error=error) as memory:
-        [retried] = run_json(handler, context, request)
+    halves = client.post({**request, "num_images_per_prompt": 2}, {**request, "num_images_per_prompt": 2, "seed": 7})
+    expected = [image for answer in halves for image in document_pixels(answer)]
+    with UNetBatchSizes(client) as sizes, OutOfMemoryAbove(client.service.pipeline.unet, limit=4, error=error) as memory:
+        [retried] = client.post(request)
     # 4 images with guidance are a UNet batch of 8: refused, then two halves of 2 images succeed.
-    assert context.get_response_status(0)[0] == 200
+    assert retried.status == 200
     assert sizes[0] == 8 and set(sizes[1:]) == {4}
     images = document_pixels(retried)
     assert len(images) == 4 and all(np.array_equal(got, want) for got, want in zip(images, expected))
     assert not np.array_equal(images[0], images[1])
     assert set(memory.handling) == {None}, "the halves ran inside the failed call's except block"
     assert not any(memory.refused_alive), "the failed call's tensors were still alive during the retry"
-    with OutOfMemoryAbove(handler.service.pipeline.unet, limit=1, error=error):
-        [refused] = run_json(handler, context, request)
-    assert context.get_response_status(0)[0] == 507 and "out of memory" in json.loads(refused)["error"]
+    with OutOfMemoryAbove(client.service.pipeline.unet, limit=1, error=error):
+        [refused] = client.post(request)
+    assert refused.status == 507 and "out of memory" in refused.error["error"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a real CUDA out-of-memory error needs a GPU; none here")
 def test_a_real_cuda_out_of_memory_is_split_and_answered(tiny_pipeline_dir):
-    handler, context = serve(tiny_pipeline_dir, gpu_id=0)
+    client = serve(tiny_pipeline_dir, gpu_id=0)
     request = {"prompt": "a cat", "height": 512, "width": 512, "num_inference_steps": 2, "output_format": "json", "seed": 1}
-    run_json(handler, context, request)  # warm: kernels and the allocator's pools exist
+    client.post(request)  # warm: kernels and the allocator's pools exist
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    run_json(handler, context, request)
+    client.post(request)
     one_image = torch.cuda.max_memory_allocated() - before
     total = torch.cuda.get_device_properties(0).total_memory
     # Room for about 3 images at once: 8 cannot fit, nor 4; halves of 2 can.
     torch.cuda.set_per_process_memory_fraction((before + 3 * one_image) / total, 0)
     try:
-        with UNetBatchSizes(handler) as sizes:
-            [body] = run_json(handler, context, {**request, "num_images_per_prompt": 8})
+        with UNetBatchSizes(client) as sizes:
+            [answer] = client.post({**request, "num_images_per_prompt": 8})
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, 0)
     torch.cuda.synchronize()
     after = torch.cuda.memory_allocated()
     print(f"one image: {one_image / 2**20:.0f} MiB; allocated before {before / 2**20:.0f} MiB, after {after / 2**20:.0f} MiB; "
           f"UNet batches {sorted(set(sizes))}")
-    assert context.get_response_status(0)[0] == 200
-    assert len(json.loads(body)["images"]) == 8
+    assert answer.status == 200
+    assert len(json.loads(answer.body)["images"]) == 8
     assert max(sizes) == 16 and min(sizes) < 16  # the whole batch was tried (x2 for guidance), then split
     assert after <= before + 2**20  # the failed calls' tensors were released
 
@@ -292,9 +272,9 @@ def test_every_view_knows_its_device_without_searching_for_offload_hooks(sd, mon
     from diffusers import DiffusionPipeline
     from diffusers.hooks import group_offloading
 
-    handler, _ = sd
-    views = handler.service.generator.views
-    pipelines = [handler.service.pipeline, views.pipeline_for("img2img"), views.pipeline_for("inpaint"),
+    client = sd
+    views = client.service.generator.views
+    pipelines = [client.service.pipeline, views.pipeline_for("img2img"), views.pipeline_for("inpaint"),
                  views.pipeline_for("txt2img", controlnet="canny"), views.pipeline_for("txt2img", scheduler="euler")]
     for pipeline in pipelines:
         # diffusers' own search, run once here, agrees with the pinned answer.
