@@ -45,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "the download where the repository has it); written into the handler: section")
     build.add_argument("--force", action="store_true",
                        help="replace an existing archive of this name that was built from another source")
+    add_serving_arguments(build)
+    add_handler_arguments(build)
+    return parser
 
+
+def add_serving_arguments(build: argparse.ArgumentParser) -> None:
     serving = build.add_argument_group("TorchServe settings written into model-config.yaml")
     serving.add_argument("--min-workers", type=int, default=1)
     serving.add_argument("--max-workers", type=int, default=1)
@@ -64,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         "TorchServe's defaults where there is none)",
     )
 
+
+def add_handler_arguments(build: argparse.ArgumentParser) -> None:
     defaults = build.add_argument_group(
         "generation defaults written into the handler: section (the request schema's fields)",
         "Unset ones take the source's recommended defaults (digits: 64x64, 25 steps, guidance 4), "
@@ -92,7 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a ControlNet requests choose by NAME, e.g. canny=./controlnet-canny")
     adapters.add_argument("--lora", metavar="NAME=SOURCE", action="append", default=[],
                           help="a LoRA adapter (directory or .safetensors file) requests choose by NAME")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Send prompts and generation parameters to the server and save the images.
 
-One image is saved as --out; several as OUT-1, OUT-2, ... The file type follows the response.
+Every request field is a flag (generated from the request schema, handlers/core/schema.py). One image
+is saved as --out; several as OUT-1, OUT-2, ... The file type follows the response.
 """
 
 import argparse
@@ -9,39 +10,21 @@ import base64
 import sys
 from pathlib import Path
 
-from client import DEFAULT_DEADLINE_S, add_server_arguments, predict, save_response
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-PARAMETERS = (
-    "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width", "seed",
-    "num_images_per_prompt", "scheduler", "output_format", "quality",
-    "task", "strength", "controlnet", "controlnet_conditioning_scale", "lora", "lora_weight",
-)
-IMAGE_PARAMETERS = ("image", "mask_image", "control_image")
+from client import DEFAULT_DEADLINE_S, add_server_arguments, predict, save_response  # noqa: E402
+from handlers.core.flags import add_schema_arguments, schema_values  # noqa: E402
+from handlers.core.images import IMAGE_FIELDS  # noqa: E402
+from handlers.core.schema import GenerationRequest  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt", nargs="+", help="one or more prompts (quote each)")
-    parser.add_argument("--negative-prompt")
-    parser.add_argument("--num-inference-steps", type=int, help="1-150")
-    parser.add_argument("--guidance-scale", type=float, help="0-30")
-    parser.add_argument("--height", type=int, help="64-2048, a multiple of 8")
-    parser.add_argument("--width", type=int, help="64-2048, a multiple of 8")
-    parser.add_argument("--seed", type=int, help="0 to 2^32-1; random when absent")
-    parser.add_argument("--num-images-per-prompt", type=int, help="1-8 unless the model allows more")
-    parser.add_argument("--scheduler", help="ddim, pndm, lms, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_karras, unipc, ddpm")
-    parser.add_argument("--output-format", default="png", choices=("png", "jpeg", "webp", "json", "numpy"),
-                        help="what the server sends back (default: %(default)s)")
-    parser.add_argument("--quality", type=int, help="jpeg/webp quality, 1-100")
-    parser.add_argument("--task", choices=("txt2img", "img2img", "inpaint"), help="default: inferred from the images")
-    parser.add_argument("--image", type=Path, help="img2img/inpaint start image file")
-    parser.add_argument("--mask-image", type=Path, help="inpaint mask file: white is repainted")
-    parser.add_argument("--strength", type=float, help="0-1")
-    parser.add_argument("--controlnet", help="a ControlNet of the model, by name (e.g. canny)")
-    parser.add_argument("--control-image", type=Path, help="the ControlNet's conditioning image file")
-    parser.add_argument("--controlnet-conditioning-scale", type=float, help="0-2")
-    parser.add_argument("--lora", help="a LoRA adapter of the model, by name")
-    parser.add_argument("--lora-weight", type=float, help="-2 to 2")
+    fields = parser.add_argument_group("request fields (unset: the model's default)")
+    add_schema_arguments(fields, GenerationRequest, skip=("prompt",))
+    # Here, unlike the server's numpy list, PNG: this client saves files.
+    parser.set_defaults(output_format="png")
     parser.add_argument(
         "--deadline", type=float, default=DEFAULT_DEADLINE_S,
         help="seconds without an answer before the request is sent once more, with the same seed (default: %(default)s)",
@@ -51,19 +34,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def request_body(args: argparse.Namespace) -> dict:
+    body = {"prompt": args.prompt[0] if len(args.prompt) == 1 else args.prompt}
+    body |= schema_values(args, GenerationRequest)
+    body |= {name: base64.b64encode(body[name].read_bytes()).decode() for name in IMAGE_FIELDS if name in body}
+    return body
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    body = {"prompt": args.prompt[0] if len(args.prompt) == 1 else args.prompt}
-    body |= {name: getattr(args, name) for name in PARAMETERS if getattr(args, name) is not None}
-    body |= {
-        name: base64.b64encode(getattr(args, name).read_bytes()).decode()
-        for name in IMAGE_PARAMETERS
-        if getattr(args, name) is not None
-    }
-    response = predict(f"{args.url}/predictions/{args.model}", body, args.key_file, args.management_url, args.deadline)
+    body = request_body(args)
+    url = f"{args.url}/predictions/{args.model}"
+    response = predict(url, body, args.key_file, args.management_url, args.deadline)
     if response.status_code != 200:
         print(f"error {response.status_code}: {response.text}", file=sys.stderr)
         return 1
+    if body.get("stream"):
+        print(response.text, end="")
+        return 0
     paths = save_response(response, args.out)
     seed = int(response.headers["X-Seed"])
     # The server seeds image i with seed + i, wrapping at 2^32 (GenerationRequest.image_seeds).

@@ -3,7 +3,9 @@
 Rewritten from its description in shared/reference.md so the benchmark can serve it the same way
 as ours. It keeps that example's behaviour on purpose, flaws included: it unzips model.zip in
 every worker with no path checks, uses fixed parameters, loads in fp32, leaves the progress bar
-on, and answers with `.tolist()`, which TorchServe serialises with json.dumps(indent=2).
+on, and answers with `.tolist()`, which TorchServe serialises with json.dumps(indent=2). One
+difference: the benchmark may set its fixed parameters (`fixed_parameters:` in its model-config.yaml),
+so that it runs at the size and steps ours is measured at.
 """
 
 import logging
@@ -17,7 +19,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 logger = logging.getLogger(__name__)
 
-# The example's fixed parameters; bench.py may rewrite this one line to match its image size.
+# The example's fixed parameters.
 FIXED_PARAMETERS = dict(guidance_scale=7.5, num_inference_steps=50, height=768, width=768)
 
 
@@ -32,6 +34,7 @@ class BaselineDiffusersHandler(BaseHandler):
             archive.extractall(os.path.join(model_dir, "model"))
         self.pipe = DiffusionPipeline.from_pretrained(os.path.join(model_dir, "model"))
         self.pipe.to(self.device)
+        self.parameters = {**FIXED_PARAMETERS, **(ctx.model_yaml_config or {}).get("fixed_parameters", {})}
         self.initialized = True
 
     def preprocess(self, requests):
@@ -44,7 +47,7 @@ class BaselineDiffusersHandler(BaseHandler):
         return inputs
 
     def inference(self, inputs):
-        return self.pipe(inputs, **FIXED_PARAMETERS).images
+        return self.pipe(inputs, **self.parameters).images
 
     def postprocess(self, inference_output):
         return [np.array(image).tolist() for image in inference_output]

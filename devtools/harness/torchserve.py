@@ -49,6 +49,15 @@ def stop_process_group(process: subprocess.Popen) -> list[psutil.Process]:
     return [member for member in family if member.is_running() and member.status() != psutil.STATUS_ZOMBIE]
 
 
+def worker_hwm(pid: int) -> int:
+    """A process's peak resident memory (VmHWM); 0 when it is gone."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith("VmHWM")), 0)
+
+
 def is_worker(process: psutil.Process) -> bool:
     try:
         return any("model_service_worker" in part for part in process.cmdline())
@@ -219,10 +228,20 @@ class TorchServe(OwnedServer):
         )
 
     def __enter__(self) -> "TorchServe":
-        return self.start()
+        return self if self.process is not None else self.start()
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+    def log_size(self, name: str = "model_log.log") -> int:
+        """Where one of TorchServe's logs ends now: log_since(size) reads what comes after."""
+        path = self.workdir / "logs" / name
+        return path.stat().st_size if path.exists() else 0
+
+    def log_since(self, offset: int, name: str = "model_log.log") -> str:
+        with open(self.workdir / "logs" / name, "rb") as stream:
+            stream.seek(offset)
+            return stream.read().decode(errors="replace")
 
     def log_tail(self, lines: int = 60) -> str:
         text = ""

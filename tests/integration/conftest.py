@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from archiver.cli import read_properties  # noqa: F401 - the tests read config files as the archiver does
+from archiver.settings import read_properties  # noqa: F401 - the tests read config files as the archiver does
 from devtools.harness.ray_cluster import RayServeCluster, can_make_namespaces
 from devtools import REPO_ROOT
 from devtools.harness.torchserve import TorchServe
@@ -22,7 +22,8 @@ DEFAULTS = "default_sd"  # built-in generation defaults untouched: 7.5 / 50 / 76
 
 
 def build_archive(model_store: Path, name: str, *options: str) -> Path:
-    command = [sys.executable, "-m", "archiver", "build", "--export-path", str(model_store), "--model-name", name]
+    # The archiver's own command, with the development models (tiny, tiny-sdxl, ...) as sources.
+    command = [sys.executable, "-m", "devtools.archives", "build", "--export-path", str(model_store), "--model-name", name]
     result = subprocess.run([*command, *options], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"built {model_store / name}" in result.stdout

@@ -7,16 +7,12 @@ import psutil
 import pytest
 from PIL import Image
 
-from devtools import REPO_ROOT
 from archiver.cli import main as archiver_main
 from devtools.harness.torchserve import process_family
 
 pytest.importorskip("bentoml", reason="BentoML is the benchmark's second baseline: pip install -e '.[bench]'")
 
-import sys  # noqa: E402
-
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
-from bentoml_bench import BentoMLService  # noqa: E402
+from devtools.harness.bentoml import BentoMLService  # noqa: E402
 
 
 @pytest.fixture(scope="module")

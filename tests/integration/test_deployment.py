@@ -206,13 +206,13 @@ def ray_containers(manifest: dict) -> list[dict]:
 
 
 def test_the_rayservice_runs_our_app_at_the_request_apis_path():
-    import handlers.ray_serve as ray_serve
+    import handlers.ray.app as ray_app
 
     _, serve_config = rayservice()
     [app] = serve_config["applications"]
     module, attribute = app["import_path"].split(":")
-    assert module == ray_serve.__name__ and callable(getattr(ray_serve, attribute))
-    args = ray_serve.AppArgs(**app["args"])  # the builder's own argument model refuses unknown keys
+    assert module == ray_app.__name__ and callable(getattr(ray_app, attribute))
+    args = ray_app.AppArgs(**app["args"])  # the builder's own argument model refuses unknown keys
     assert app["route_prefix"] == f"/predictions/{args.model_name}"
     assert [deployment["name"] for deployment in app["deployments"]] == [args.model_name]  # build_app's name
 

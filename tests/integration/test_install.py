@@ -32,7 +32,7 @@ def test_a_wheel_installed_into_a_fresh_environment_builds_an_archive_that_serve
          str(source)], cwd=tmp_path)
     [wheel] = (tmp_path / "dist").glob("*.whl")
     packed = set(zipfile.ZipFile(wheel).namelist())
-    assert {"handlers/metrics.yaml", "archiver/models/tiny-digits/model_index.json",
+    assert {"handlers/core/metrics.yaml", "archiver/models/tiny-digits/model_index.json",
             "archiver/models/tiny-digits/unet/diffusion_pytorch_model.safetensors"} <= packed
 
     # A fresh environment: the project only from the wheel; its dependencies are read from this

@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 
 from devtools import REPO_ROOT
-from devtools.harness.torchserve import TorchServe
 from tests.integration.conftest import ENGINES, TINY, serving, worker_log
 
 
@@ -111,13 +110,10 @@ def test_every_scheduler(server, scheduler):
     ],
 )
 def test_kserve_bodies_posted_directly(server, body):
+    """Both engines read bodies through the core (handlers/core/bodies.py), KServe's included."""
     response = server.predict(TINY, json=body)
-    if isinstance(server, TorchServe):
-        assert response.status_code == 200, response.text
-        assert np.array(json.loads(response.text), dtype="uint8").shape == (64, 64, 3)
-    else:  # KServe's bodies are the TorchServe adapter's (handlers/envelopes.py): Ray Serve says what it takes
-        assert response.status_code == 400, response.text
-        assert response.json()["field"] in ("instances", "prompt")
+    assert response.status_code == 200, response.text
+    assert np.array(json.loads(response.text), dtype="uint8").shape == (64, 64, 3)
 
 
 def test_hugging_face_bodies(server):

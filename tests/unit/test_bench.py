@@ -5,13 +5,12 @@ import sys
 import pytest
 import torch
 
-from devtools import REPO_ROOT
+from devtools.bench.runner import run_load
+from devtools.bench.suites import bentoml, example, example_report, gpu_report
+from devtools.bench.targets import Target
 from devtools.models.fullsize import flux_dev_components, sdxl_components
 from devtools.models.sd15 import sd15_components
 from devtools.models.tiny import build_tokenizer
-
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
-import bench  # noqa: E402
 
 COMPONENTS = {"sd15": sd15_components, "sdxl": sdxl_components, "flux": flux_dev_components}
 
@@ -35,42 +34,52 @@ def test_full_size_architectures_have_the_published_parameter_counts(model, tmp_
     assert counts == PUBLISHED_PARAMETERS[model]
 
 
-def test_ratios_and_verdicts():
-    results = {
-        "body_bytes_png": 1.0, "body_bytes_baseline": 20.0, "body_bytes_numpy": 8.0, "body_bytes_jpeg": 0.5,
-        "encode_s_baseline": 2.0, "encode_s_png": 0.1, "encode_s_numpy": 0.5,
-        "latency_50_steps_s_served": 1.04, "latency_50_steps_s_bare": 1.0,
-        "throughput_rps_ours_b4_c8": 3.0, "throughput_rps_baseline_b1_c8": 1.0,
-        "scale_up_s_ours_zip": 4.0, "scale_up_s_baseline": 5.0,
+def test_a_target_says_met_or_missed_against_its_bound():
+    assert Target("x", "<=", 0.1).verdict(0.05) == "met (0.05 <= 0.1)"
+    assert Target("x", ">=", 2.0).verdict(1.5) == "MISSED (1.5 >= 2)"
+    assert Target("x", ">=", 2.0).verdict(None) == "not measured"
+
+
+def example_results(**load_overrides) -> dict:
+    load = {f"{kind}_b{batch}_c{level}": {"p50_s": 1.0, "p95_s": 1.0, "throughput_rps": 1.0, "body_bytes": 1.0}
+            for kind in ("ours", "baseline") for batch in (1, 4) for level in (1, 4, 8)}
+    load |= load_overrides
+    return {
+        "encoding": {"baseline": {"seconds": 2.0, "bytes": 20.0}, "numpy": {"seconds": 0.5, "bytes": 8.0},
+                     "png": {"seconds": 0.1, "bytes": 1.0}, "jpeg": {"seconds": 0.1, "bytes": 0.5}},
+        "bodies": {"numpy": 8.0, "png": 1.0, "jpeg": 0.5, "baseline": 20.0},
+        "overhead": {"bare_s": 1.0, "served_s": 1.04},
+        "load": load,
+        "cold_start": {"ours_zip": {"ready_s": 5.0, "scale_up_s": 4.0}, "ours_noarchive": {"ready_s": 4.0, "scale_up_s": 4.0},
+                       "baseline": {"ready_s": 6.0, "scale_up_s": 5.0}},
+        "peak_rss_bytes": {"ours_b1": 2e8, "ours_b4": 2e8, "baseline_b1": 3e8, "baseline_b4": 3e8},
     }
-    derived = bench.ratios(results)
+
+
+def test_the_example_suites_ratios_and_verdicts():
+    results = example_results(ours_b4_c8={"p50_s": 1.0, "p95_s": 1.0, "throughput_rps": 3.0, "body_bytes": 1.0})
+    derived = example_report.ratios(results)
     assert derived["png_body_vs_baseline"] == 0.05
     assert derived["encode_speedup_vs_baseline"] == 20.0
     assert abs(derived["overhead_vs_bare"] - 0.04) < 1e-9
-    verdicts = bench.verdicts(derived)
+    verdicts = {target.name: target.verdict(derived[target.name]) for target in example_report.TARGETS}
     assert verdicts["png_body_vs_baseline"].startswith("met")
     assert verdicts["compat_body_vs_baseline"].startswith("met")
     assert verdicts["scale_up_vs_baseline"].startswith("MISSED")
     assert verdicts["throughput_c8_vs_baseline"].startswith("met")
+    lines = example_report.markdown(results, example.QUICK, "a machine")
+    assert "| throughput_c8_vs_baseline | met (3 >= 2) |" in lines
+    assert "| throughput at concurrency 8, both at batchSize 4 (beside the target) | 3 |" in lines
 
 
 def test_without_matplotlib_the_plot_is_a_hint_not_a_traceback(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `import matplotlib` meets without the extra
-    message = bench.save_plot({}, tmp_path / "results.png")
+    message = example_report.save_plot(example_results(), tmp_path / "results.png")
     assert "pip install -e '.[bench]'" in message
     assert not (tmp_path / "results.png").exists()
 
 
-def test_the_report_shows_the_same_batch_size_throughput_beside_the_target():
-    derived = {"throughput_c8_vs_baseline": 2.5, "throughput_b4_c8_vs_baseline": 1.1}
-    lines = bench.markdown_targets(derived)
-    assert "| throughput_c8_vs_baseline | met (2.5 >= 2.0) |" in lines
-    assert "| throughput at concurrency 8, both at batchSize 4 (reported beside the target) | 1.1 |" in lines
-
-
 def test_gpu_targets_are_decided_from_the_served_parts():
-    import gpu_bench
-
     served = {"warm_request_s": 0.5, "first_request_s": 0.55, "c8": {"throughput_rps": 2.0}}
     parts = {
         "plan": {"target_s": 0.6},
@@ -78,7 +87,7 @@ def test_gpu_targets_are_decided_from_the_served_parts():
                             "compiled_b4": {**served, "c8": {"throughput_rps": 2.4}}},
     }
     verdicts = {what.split(" <= ")[0].split(" >= ")[0]: (round(value, 3), verdict)
-                for what, value, verdict in gpu_bench.verdicts(parts)}
+                for what, value, verdict in gpu_report.verdicts(parts)}
     assert verdicts == {
         "served, compiled, batch 1, c=1": (0.5, "met"),
         "serving overhead over the bare compiled call": (0.02, "met"),
@@ -88,16 +97,26 @@ def test_gpu_targets_are_decided_from_the_served_parts():
 
 
 def test_the_bentoml_comparison_reports_each_target_against_its_bound():
-    import bentoml_bench
-
     figures = {
         "batching": "combined", "ours_body_bytes": 5600, "bentoml_body_bytes": 5900,
         "ours_c1_1_steps_s": 0.030, "bentoml_c1_1_steps_s": 0.025, "ours_c1_25_steps_s": 0.28,
         "bentoml_c1_25_steps_s": 0.29, "ours_c8_25_steps_rps": 9.0, "bentoml_c8_25_steps_rps": 4.0,
         "c1_1_step": 1.2, "c1_25_steps": 0.97, "c8_25_steps": 2.25, "ours_refused_s": 0.009, "bentoml_refused_s": 0.003,
     }
-    lines = bentoml_bench.markdown({"digits": figures})
+    lines = bentoml.markdown({"digits": figures})
     assert "| digits | 30 ms against 25 ms (1.20x) | 280 ms against 290 ms (0.97x) | 9.00 against 4.00 (2.25x) | 5600 B against 5900 B | 9.0 ms against 3.0 ms | combined |" in lines
-    assert "| c1_1_step: ours/BentoML | MISSED (1.20 <= 1.1) |" in lines
-    assert "| c1_25_steps: ours/BentoML | met (0.97 <= 1.1) |" in lines
-    assert "| c8_25_steps: ours/BentoML | met (2.25 >= 2.0) |" in lines
+    assert "| c1_1_step | MISSED (1.2 <= 1.1) |" in lines
+    assert "| c1_25_steps | met (0.97 <= 1.1) |" in lines
+    assert "| c8_25_steps | met (2.25 >= 2) |" in lines
+
+
+def test_the_load_runner_counts_every_answer_and_orders_its_latencies():
+    import requests
+
+    class Answer(requests.Response):
+        def __init__(self, index):
+            super().__init__()
+            self.status_code, self._content = 200, b"x" * index
+
+    load = run_load(lambda index: Answer(index), concurrency=4, count=20)
+    assert load.p50_s <= load.p95_s and load.throughput_rps > 0 and load.body_bytes == 9.5  # the median of 0..19 bytes
