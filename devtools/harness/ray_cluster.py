@@ -144,6 +144,11 @@ class RayServeCluster:
         kwargs.setdefault("timeout", 300)
         return self.clients.submit(requests.post, f"{self.inference_url}/predictions/{name}", **kwargs).result()
 
+    def get(self, path: str, **kwargs) -> requests.Response:
+        """GET a path of Serve's HTTP proxy, from inside the namespace."""
+        kwargs.setdefault("timeout", 60)
+        return self.clients.submit(requests.get, f"{self.inference_url}{path}", **kwargs).result()
+
     def client_command(self, argv: list[str]) -> list[str]:
         """A client command line that runs where it reaches the cluster: inside the namespace."""
         return self.namespace.command(argv)

@@ -11,7 +11,7 @@ from handlers.core.bodies import fields_from_body, fields_from_form, instance_fi
 from handlers.core.errors import RequestError
 from handlers.core.formats import numpy_list
 from handlers.core.limits import AnswerBound
-from handlers.core.schema import GenerationRequest
+from handlers.core.schema import GenerationRequest, request_json_schema
 
 
 def read_row(row: Any, body_type: str | None = None) -> dict[str, Any]:
@@ -63,3 +63,22 @@ def _kservev2_numpy_size(images) -> int:
 
 
 NUMPY_SIZES = {"kserve": _kserve_numpy_size, "kservev2": _kservev2_numpy_size}
+
+
+# KServe v2's datatypes for the request schema's JSON types.
+V2_DATATYPES = {"string": "BYTES", "integer": "INT64", "number": "FP64", "boolean": "BOOL", "object": "BYTES"}
+
+
+def v2_metadata() -> tuple[list[dict], list[dict]]:
+    """KServe v2 model metadata (inputs, outputs) from the request schema: one named input per field, as
+    the kservev2 envelope merges them into a request. TorchServe's envelope names the one output after the
+    first input (send `prompt` first) and flattens the answer: the default numpy list is INT64."""
+    inputs = []
+    for name, schema in request_json_schema()["properties"].items():
+        branches = [branch for branch in schema.get("anyOf", [schema]) if branch.get("type") != "null"]
+        types = {branch.get("type", "string") for branch in branches}
+        shape = [-1] if "array" in types else [1]  # a list of prompts
+        datatype = next((V2_DATATYPES[kind] for kind in sorted(types) if kind in V2_DATATYPES), "BYTES")
+        inputs.append({"name": name, "datatype": datatype, "shape": shape})
+    outputs = [{"name": "prompt", "datatype": "INT64", "shape": [-1]}]
+    return inputs, outputs

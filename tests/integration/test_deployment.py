@@ -182,9 +182,13 @@ def test_the_kserve_wrapper_waits_as_long_as_an_archive_may_take_to_start(protoc
 
 
 def test_the_kserve_image_runs_the_command_kserve_passes_then_the_wrapper():
+    """Through our wrapper.py, which adds the request schema as v2 metadata, then runs the wrapper's __main__.py."""
     script = (REPO_ROOT / "kserve" / "entrypoint.sh").read_text()
-    assert '\n"$@"\nexec python /home/model-server/kserve_wrapper/__main__.py\n' in script
+    assert '\n"$@"\nexec python /home/model-server/kserve_wrapper/diffusers_wrapper.py\n' in script
     dockerfile = (REPO_ROOT / "kserve" / "Dockerfile").read_text()
+    assert "COPY kserve/wrapper.py /home/model-server/kserve_wrapper/diffusers_wrapper.py" in dockerfile
+    wrapper = (REPO_ROOT / "kserve" / "wrapper.py").read_text()
+    assert 'runpy.run_path(str(WRAPPER / "__main__.py"), run_name="__main__")' in wrapper
     assert "ARG TORCHSERVE_TAG=v0.12.0" in dockerfile and '"torchserve==0.12.0"' in (REPO_ROOT / "pyproject.toml").read_text()
     for wrapper_file in ("__main__.py", "TorchserveModel.py", "TSModelRepository.py", "gprc_utils.py"):
         assert f"kserve_wrapper/{wrapper_file}" in dockerfile

@@ -1,5 +1,5 @@
 """The request API through each engine, TorchServe and Ray Serve, with batchSize 4 and concurrent clients:
-one suite, one client; only what exists on one engine alone (KServe's bodies) is checked there alone."""
+one suite, one client; only where an engine publishes the request schema differs."""
 
 import base64
 import io
@@ -11,9 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import requests
 from PIL import Image
 
 from devtools import REPO_ROOT
+from devtools.harness.torchserve import TorchServe
 from tests.integration.conftest import ENGINES, TINY, serving, worker_log
 
 
@@ -45,6 +47,25 @@ def open_image(data: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()
     return image
+
+
+def test_the_request_schema_is_published_with_the_models_defaults(server):
+    """TorchServe: the describe answer of the management API; Ray Serve: OpenAPI beside the endpoint."""
+    if isinstance(server, TorchServe):
+        response = requests.get(f"{server.management_url}/models/{TINY}", params={"customized": "true"},
+                                headers=server.auth("management"), timeout=60)
+        assert response.status_code == 200, response.text
+        schema = json.loads(response.json()[0]["customizedMetadata"])["request"]
+    else:
+        response = server.get(f"/predictions/{TINY}/openapi.json")
+        assert response.status_code == 200, response.text
+        schema = response.json()["paths"]["/"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        page = server.get(f"/predictions/{TINY}/docs")
+        assert page.status_code == 200 and f"/predictions/{TINY}/openapi.json" in page.text
+    assert schema["properties"]["num_inference_steps"]["default"] == 4  # the archive's default, not the built-in 50
+    assert schema["properties"]["num_inference_steps"]["maximum"] == 150
+    assert schema["required"] == ["prompt"]
+    assert schema["properties"]["seed"]["x-shared-in-batch"] is True
 
 
 @pytest.mark.parametrize(

@@ -226,3 +226,16 @@ def test_a_lost_progress_line_costs_neither_the_stream_nor_its_neighbours(served
         worker_socket.close()
     assert [context.get_response_status(index)[0] for index in range(2)] == [200, 200]
     assert json.loads(bodies[0])["images"]
+
+
+def test_kserve_v2_metadata_lists_every_request_field_as_an_input():
+    from handlers.core.schema import GenerationRequest
+    from handlers.torchserve.envelopes import v2_metadata
+
+    inputs, outputs = v2_metadata()
+    by_name = {tensor["name"]: tensor for tensor in inputs}
+    assert set(by_name) == set(GenerationRequest.model_fields)
+    assert by_name["prompt"] == {"name": "prompt", "datatype": "BYTES", "shape": [-1]}  # text, or a list of texts
+    assert by_name["num_inference_steps"]["datatype"] == "INT64" and by_name["guidance_scale"]["datatype"] == "FP64"
+    assert by_name["stream"]["datatype"] == "BOOL" and by_name["image"]["datatype"] == "BYTES"
+    assert outputs == [{"name": "prompt", "datatype": "INT64", "shape": [-1]}]
