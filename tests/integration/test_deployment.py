@@ -149,7 +149,7 @@ def test_the_container_exposes_what_its_config_binds_and_probes_it_with_the_ship
 
 
 def test_the_kserve_probe_readme_gives_calls_the_port_its_config_binds():
-    text = (REPO_ROOT / "README.md").read_text()
+    text = (REPO_ROOT / "docs" / "production.md").read_text()
     [url] = re.findall(r"scripts/manage.py health --inference-url (http://\S+)`", text.replace("\n", " "))
     assert port(url) == port(read_properties(REPO_ROOT / "kserve" / "config.properties")["inference_address"])
     # The KServe image inherits the scripts from ours, and turns off our HEALTHCHECK (port 8080 is the wrapper's there).

@@ -174,7 +174,7 @@ def test_a_full_queue_answers_503_quickly_and_every_accepted_request_completes(t
 
 def test_requests_arriving_while_the_worker_is_killed_are_all_answered_within_a_bound(tmp_path, tmp_path_factory):
     """TorchServe 0.12.0 drops the jobs a worker thread holds while it waits to fill a batch, if the
-    worker dies then (README, "Nothing waits forever"); query.py's deadline and single retry answer them."""
+    worker dies then (docs/production.md, "Nothing waits forever"); query.py's deadline and single retry answer them."""
     store = tmp_path_factory.mktemp("kill-store")
     # A long batch delay holds the window open, so requests do land in it.
     build_archive(

@@ -37,7 +37,7 @@ def assert_neighbours_untouched(client, answers, bad_position, solo):
     """The batch-mates got 200 and the pixels they get when run alone.
 
     Exactly, with per_request batching; combined calls move a pixel by a grey level or so against a
-    call of one (CPU kernels are not batch-invariant, README), so there the bound is 2 levels.
+    call of one (CPU kernels are not batch-invariant, docs/batching.md), so there the bound is 2 levels.
     """
     good = [answer for index, answer in enumerate(answers) if index != bad_position]
     assert statuses(good) == [200] * len(good)
