@@ -12,7 +12,7 @@ from handlers.core.config import HandlerConfig
 from handlers.core.flags import schema_values
 from handlers.core.limits import MAX_RESPONSE_BYTES, check_defaults_fit
 from handlers.core.schema import GenerationDefaults
-from handlers.torchserve.envelopes import answer_bound
+from handlers.torchserve.envelopes import envelope_size_bound
 
 
 def handler_section(args: argparse.Namespace) -> tuple[dict, HandlerConfig]:
@@ -28,7 +28,7 @@ def handler_section(args: argparse.Namespace) -> tuple[dict, HandlerConfig]:
     section.update(server_settings(args.server_config))
     section.update(parse_assignments(args.handler_options, "--set"))
     config = HandlerConfig(**section)
-    check_defaults_fit(config.generation_defaults, config.limits, answer_bound(config.service_envelope))
+    check_defaults_fit(config.generation_defaults, config.limits, envelope_size_bound(config.service_envelope))
     return section, config
 
 

@@ -94,28 +94,28 @@ class ImageGenerator:
         """Each request's images (or error), in request order."""
         results: list[Generation | RequestError | None] = [None] * len(requests)
         for indices in self.groups(requests):
-            outcomes = self.run_isolated([requests[index] for index in indices], on_step)
-            for index, outcome in zip(indices, outcomes):
-                results[index] = outcome
+            group_results = self.run_isolated([requests[index] for index in indices], on_step)
+            for index, result in zip(indices, group_results):
+                results[index] = result
         return results
 
     def run_isolated(
         self, group: list[GenerationRequest], on_step: StepListener | None = None
     ) -> list[Generation | RequestError]:
-        """The group's outcomes, request by request.
+        """The group's results, request by request.
 
         A shared call that fails for a reason other than memory runs again one request at a time, so
         the request that broke it is the only one to get the error.
         """
         start = time.perf_counter()
-        outcome = self.run_group(group, on_step)
+        pictures = self.run_group(group, on_step)
         seconds = time.perf_counter() - start
-        if isinstance(outcome, GenerationFailed) and len(group) > 1:
+        if isinstance(pictures, GenerationFailed) and len(group) > 1:
             logger.warning("a shared call of %d requests failed; running them one at a time", len(group))
             return [result for request in group for result in self.run_isolated([request], on_step)]
-        if isinstance(outcome, RequestError):
-            return [outcome] * len(group)
-        pictures = iter(outcome)
+        if isinstance(pictures, RequestError):
+            return [pictures] * len(group)
+        pictures = iter(pictures)
         results = []
         for request in group:
             images, flags = zip(*[next(pictures) for _ in range(request.image_count)])

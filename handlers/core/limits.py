@@ -19,7 +19,7 @@ MAX_RESPONSE_BYTES = 6_553_500
 DEFAULT_MAX_WORK = 8 * 50 * 1024 * 1024
 
 # The most bytes the answer to a request can take, as the engine sends it.
-AnswerBound = Callable[[GenerationRequest], int]
+SizeBound = Callable[[GenerationRequest], int]
 
 
 class Limits(BaseModel):
@@ -46,7 +46,7 @@ class Limits(BaseModel):
     )
 
 
-def check_limits(request: GenerationRequest, limits: Limits, answer_bound: AnswerBound) -> None:
+def check_limits(request: GenerationRequest, limits: Limits, size_bound: SizeBound) -> None:
     if request.num_images_per_prompt > limits.max_images_per_prompt:
         raise RequestError(
             f"num_images_per_prompt: at most {limits.max_images_per_prompt} (got {request.num_images_per_prompt})",
@@ -75,7 +75,7 @@ def check_limits(request: GenerationRequest, limits: Limits, answer_bound: Answe
             field="num_inference_steps",
             allowed={"max_work": limits.max_work},
         )
-    answer_bytes = answer_bound(request)
+    answer_bytes = size_bound(request)
     if answer_bytes > limits.max_response_bytes:
         raise PayloadTooLarge(
             f"the answer could take {answer_bytes} bytes as {request.output_format}, over the server's limit of "
@@ -86,10 +86,10 @@ def check_limits(request: GenerationRequest, limits: Limits, answer_bound: Answe
         )
 
 
-def check_defaults_fit(defaults: GenerationDefaults, limits: Limits, answer_bound: AnswerBound) -> None:
+def check_defaults_fit(defaults: GenerationDefaults, limits: Limits, size_bound: SizeBound) -> None:
     """At start-up and at build time: a request that sets nothing must pass the model's own limits."""
     try:
-        check_limits(GenerationRequest(**{**defaults.model_dump(), "prompt": "x", "seed": 0}), limits, answer_bound)
+        check_limits(GenerationRequest(**{**defaults.model_dump(), "prompt": "x", "seed": 0}), limits, size_bound)
     except RequestError as error:
         raise ValueError(
             f"the handler: section's defaults break its own limits, so every request that relies on them would "

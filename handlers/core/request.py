@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from handlers.core.errors import RequestError, excerpt
 from handlers.core.formats import FORMATS_BY_MEDIA_TYPE
 from handlers.core.images import HOW_TO_SEND_AN_IMAGE, IMAGE_FIELDS, decode_image
-from handlers.core.limits import AnswerBound, Limits, check_limits
+from handlers.core.limits import Limits, SizeBound, check_limits
 from handlers.core.schema import GenerationDefaults, GenerationRequest
 
 MAX_FIELD_NAME = 60  # an unknown field's name is echoed back; a client may send a megabyte of it
@@ -28,11 +28,11 @@ def parse_request(
     fields: dict[str, Any],
     defaults: GenerationDefaults,
     limits: Limits,
-    answer_bound: AnswerBound,
+    size_bound: SizeBound,
     accept: str | None = None,
     adapters: Adapters = Adapters(),
 ) -> GenerationRequest:
-    """Validate a request's fields; accept is the Accept header, answer_bound the most bytes the answer can
+    """Validate a request's fields; accept is the Accept header, size_bound the most bytes the answer can
     take as the engine sends it."""
     fields = dict(fields)
     if "output_format" not in fields and (chosen := format_from_accept(accept)):
@@ -50,7 +50,7 @@ def parse_request(
         request = GenerationRequest(**{**defaults.model_dump(), **fields})
     except ValidationError as error:
         raise _as_request_error(error) from None
-    check_limits(request, limits, answer_bound)
+    check_limits(request, limits, size_bound)
     check_task_inputs(request)
     check_adapters(request, adapters)
     for name in IMAGE_FIELDS:

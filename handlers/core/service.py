@@ -14,7 +14,7 @@ from handlers.core.archive import locate_pipeline
 from handlers.core.config import HandlerConfig, model_description
 from handlers.core.errors import InternalError, RequestError
 from handlers.core.generation import ImageGenerator, StepListener
-from handlers.core.limits import AnswerBound, check_defaults_fit
+from handlers.core.limits import SizeBound, check_defaults_fit
 from handlers.core.pipelines import (
     apply_memory_options,
     compile_counts,
@@ -38,14 +38,14 @@ class DiffusionService:
     """The pipeline and its views, loaded once, and each request's way through them: read, generate, encode."""
 
     def __init__(
-        self, model_dir: Path, config: HandlerConfig, gpu_id: int | None = None, answer_bound: AnswerBound | None = None,
+        self, model_dir: Path, config: HandlerConfig, gpu_id: int | None = None, size_bound: SizeBound | None = None,
         model_name: str = "",
     ):
         self.config, self.model_name = config, model_name
         self.defaults, self.limits = config.generation_defaults, config.limits
-        self.answer_bound = answer_bound or answer_size_bound
+        self.size_bound = size_bound or answer_size_bound
         # Before any weights load: defaults that every request would be refused for stop the model now.
-        check_defaults_fit(self.defaults, self.limits, self.answer_bound)
+        check_defaults_fit(self.defaults, self.limits, self.size_bound)
         self.device = select_device(gpu_id)
         unpack_dir = Path(config.unpack_dir) if config.unpack_dir else None
         pipeline_dir = locate_pipeline(model_dir, unpack_dir, config.max_unpacked_bytes)
@@ -110,7 +110,7 @@ class DiffusionService:
         """One request, validated; read_fields gets its fields from the engine's own request. Whatever
         goes wrong stays with this request."""
         try:
-            return parse_request(read_fields(), self.defaults, self.limits, self.answer_bound, accept, self.adapters)
+            return parse_request(read_fields(), self.defaults, self.limits, self.size_bound, accept, self.adapters)
         except RequestError as error:
             return error
         except Exception:  # noqa: BLE001 - whatever a library raises for this request stays with this request

@@ -7,19 +7,18 @@ ingress sends the request once more, to another replica.
 
 import logging
 
-from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from handlers.core.answers import Answer
 from handlers.core.errors import PayloadTooLarge, RequestError
 from handlers.core.limits import MAX_REQUEST_BYTES
 from handlers.ray.metrics import RayMetrics
+from handlers.ray.openapi import openapi_document
 from handlers.ray.replica import RawRequest, log_to_worker_output
 
 logger = logging.getLogger(__name__)
@@ -29,7 +28,7 @@ FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 # third replica is not worth risking on it.
 ATTEMPTS = 2
 
-api = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)  # served below, from the model's own schema
+NOT_FOUND = {"error": "not found: POST a request to this path; GET openapi.json or docs below it"}
 
 
 class ReplicaDied(RequestError):
@@ -45,7 +44,6 @@ def response_of(answer: Answer) -> Response:
 
 # It holds requests while replicas generate, and runs no model: many requests at once, no CPU reserved.
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
-@serve.ingress(api)
 class HttpIngress:
     """Reads each HTTP request (up to max_request_bytes) and hands it to a model replica."""
 
@@ -57,7 +55,19 @@ class HttpIngress:
         self.max_request_bytes = max_request_bytes
         self.metrics = RayMetrics()
 
-    @api.post("/")
+    async def __call__(self, http: Request) -> Response:
+        """The model's path (with or without a trailing slash: no redirect a client must follow), and its
+        API description below it."""
+        root = http.scope.get("root_path", "")
+        below = http.scope["path"][len(root):] if http.scope["path"].startswith(root) else http.scope["path"]
+        if below in ("", "/") and http.method == "POST":
+            return await self.predict(http)
+        if below == "/openapi.json" and http.method == "GET" and self.api_docs:
+            return JSONResponse(openapi_document(self.model_name, self.description, root))
+        if below == "/docs" and http.method == "GET" and self.api_docs:
+            return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=self.model_name)
+        return JSONResponse(NOT_FOUND, status_code=404)
+
     async def predict(self, http: Request) -> Response:
         try:
             raw = await self._read(http)
@@ -76,18 +86,6 @@ class HttpIngress:
         if answer.body is not None:
             return response_of(answer)
         return StreamingResponse(self._rest(answers), media_type=answer.content_type)
-
-    @api.get("/openapi.json")
-    async def openapi(self, http: Request) -> Response:
-        if not self.api_docs:
-            return JSONResponse({"error": "the API description is off (api_docs: false)"}, status_code=404)
-        return JSONResponse(openapi_document(self.model_name, self.description, http.scope.get("root_path", "")))
-
-    @api.get("/docs")
-    async def docs(self, http: Request) -> Response:
-        if not self.api_docs:
-            return JSONResponse({"error": "the API description is off (api_docs: false)"}, status_code=404)
-        return get_swagger_ui_html(openapi_url=f"{http.scope.get('root_path', '')}/openapi.json", title=self.model_name)
 
     async def _rest(self, answers):
         """A stream's progress lines and answer; a replica that dies midway ends it with an error line."""
@@ -128,36 +126,3 @@ class HttpIngress:
                 raise too_large
         raw.body = bytes(body)
         return raw
-
-
-def openapi_document(model_name: str, description: dict, root_path: str) -> dict:
-    """OpenAPI 3.1 for this model's one endpoint, from the core's model description (the request schema
-    with the model's defaults); JSON Schema 2020-12 is OpenAPI 3.1's own, so the schema goes in as it is."""
-    request = description["request"]
-    error = {"type": "object", "properties": {"error": {"type": "string"}, "field": {"type": "string"}, "allowed": {}}}
-    answers = {media_type: {"schema": {"type": "string", "format": "binary"}} for media_type in ("image/png", "image/jpeg", "image/webp")}
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": f"{model_name}: diffusers pipeline", "version": "1",
-                 "description": f"limits: {description['limits']}; LoRA adapters: {description['loras']}; "
-                                f"ControlNets: {description['controlnets']}"},
-        "servers": [{"url": root_path or "/"}],
-        "paths": {"/": {"post": {
-            "summary": "generate images",
-            "operationId": "predict",
-            "requestBody": {"required": True, "content": {
-                "application/json": {"schema": request},
-                "text/plain": {"schema": {"type": "string", "description": "the prompt"}},
-                "multipart/form-data": {"schema": request},
-            }},
-            "responses": {
-                "200": {"description": "the images, as output_format asks",
-                        "content": {"application/json": {"schema": {}}, **answers,
-                                    "application/x-ndjson": {"schema": {"type": "string"}}}},
-                **{status: {"description": text, "content": {"application/json": {"schema": error}}}
-                   for status, text in (("400", "invalid request"), ("413", "too large for this model"),
-                                        ("500", "the server failed"), ("503", "the replicas died"))},
-            },
-        }}},
-        "components": {"schemas": request.get("$defs", {})},
-    }

@@ -10,7 +10,7 @@ from handlers.core.answers import Generation, answer_size_bound, document_size_b
 from handlers.core.bodies import fields_from_body, fields_from_form, instance_fields
 from handlers.core.errors import RequestError
 from handlers.core.formats import numpy_list
-from handlers.core.limits import AnswerBound
+from handlers.core.limits import SizeBound
 from handlers.core.schema import GenerationRequest, request_json_schema
 
 
@@ -38,7 +38,7 @@ def enveloped_answer(request: GenerationRequest, generation: Generation) -> tupl
     return json_document(request, generation), "application/json"
 
 
-def answer_bound(envelope: str) -> AnswerBound:
+def envelope_size_bound(envelope: str) -> SizeBound:
     """The most bytes an answer can take on the wire under this service_envelope."""
     if envelope == "none":
         return answer_size_bound

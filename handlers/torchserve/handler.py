@@ -16,7 +16,7 @@ from handlers.core.errors import PayloadTooLarge, RequestError
 from handlers.core.formats import JSON, NDJSON
 from handlers.core.schema import GenerationRequest
 from handlers.core.service import DiffusionService
-from handlers.torchserve.envelopes import answer_bound, enveloped_answer, is_v2_inputs, read_row
+from handlers.torchserve.envelopes import envelope_size_bound, enveloped_answer, is_v2_inputs, read_row
 from handlers.torchserve.metrics import TorchServeMetrics
 
 logger = logging.getLogger(__name__)
@@ -30,10 +30,10 @@ class DiffusersHandler(BaseHandler):
         self.limits = self.config.limits
         # The envelope JSON-encodes whatever the handler returns: answers must be JSON values, not bytes.
         self.enveloped = self.config.service_envelope != "none"
-        self.answer_bound = answer_bound(self.config.service_envelope)
+        self.size_bound = envelope_size_bound(self.config.service_envelope)
         properties = context.system_properties
         self.service = DiffusionService(
-            Path(properties["model_dir"]), self.config, properties.get("gpu_id"), self.answer_bound, context.model_name
+            Path(properties["model_dir"]), self.config, properties.get("gpu_id"), self.size_bound, context.model_name
         )
         self.metrics = TorchServeMetrics(context.metrics)
         self.initialized = True
@@ -66,7 +66,7 @@ class DiffusersHandler(BaseHandler):
         images = sum(request.image_count for request in valid)
         if images > self.limits.max_images_per_request:
             return [self._too_many_instances(f"{images} images")]
-        answer_bytes = sum(self.answer_bound(request) for request in valid)
+        answer_bytes = sum(self.size_bound(request) for request in valid)
         if answer_bytes > self.limits.max_response_bytes:
             return [
                 PayloadTooLarge(

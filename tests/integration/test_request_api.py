@@ -55,13 +55,16 @@ def test_the_request_schema_is_published_with_the_models_defaults(server):
         response = requests.get(f"{server.management_url}/models/{TINY}", params={"customized": "true"},
                                 headers=server.auth("management"), timeout=60)
         assert response.status_code == 200, response.text
-        schema = json.loads(response.json()[0]["customizedMetadata"])["request"]
+        schema = response.json()[0]["customizedMetadata"]["request"]  # TorchServe parses the JSON the handler gave
     else:
         response = server.get(f"/predictions/{TINY}/openapi.json")
         assert response.status_code == 200, response.text
         schema = response.json()["paths"]["/"]["post"]["requestBody"]["content"]["application/json"]["schema"]
         page = server.get(f"/predictions/{TINY}/docs")
         assert page.status_code == 200 and f"/predictions/{TINY}/openapi.json" in page.text
+        # The model's own path answers as it is, with no redirect to a trailing slash for a client to follow.
+        refused = server.predict(TINY, json={"prompt": "a cat", "num_inference_steps": 0}, allow_redirects=False)
+        assert refused.status_code == 400, refused.status_code
     assert schema["properties"]["num_inference_steps"]["default"] == 4  # the archive's default, not the built-in 50
     assert schema["properties"]["num_inference_steps"]["maximum"] == 150
     assert schema["required"] == ["prompt"]

@@ -56,7 +56,7 @@ def timed_copy(pipeline_dir: Path, workdir: Path) -> float:
     return elapsed
 
 
-def build_ours(pipeline_dir: Path, store: Path, archive_format: str) -> tuple[str, float]:
+def timed_build(pipeline_dir: Path, store: Path, archive_format: str) -> tuple[str, float]:
     """`python -m archiver build` in its own process, so its imports count."""
     name = "sd15_" + archive_format.replace("-", "_")
     started = time.perf_counter()
@@ -107,7 +107,7 @@ def measure(workdir: Path, models_dir: Path) -> dict:
     store = workdir / "cold-store"
     results = {"weights_gb": weights / 2**30, "copy_s": timed_copy(pipeline_dir, workdir), "cases": {}}
     for archive_format in FORMATS:
-        name, build_s = build_ours(pipeline_dir, store, archive_format)
+        name, build_s = timed_build(pipeline_dir, store, archive_format)
         starts = [serve_once(workdir, store, name, requests_too=True)
                   for _ in range(DEFAULT_STARTS if archive_format == FORMATS[0] else 1)]
         results["cases"][f"ours, {archive_format}"] = {"build_s": build_s, **median_start(starts), "starts": starts}

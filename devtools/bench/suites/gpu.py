@@ -17,7 +17,6 @@ Every setting goes through the handler's own code (HandlerConfig, apply_memory_o
 import gc
 import shutil
 import statistics
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,8 @@ from devtools.archives import model_dir as tiny_model_dir
 from devtools.bench.archives import build_ours
 from devtools.bench.runner import log, run_load, timed
 from devtools.bench.workload import Workload
-from devtools.harness.torchserve import TorchServe, worker_hwm
+from devtools.harness.memory import MemoryPeak
+from devtools.harness.torchserve import TorchServe
 from devtools.models.fullsize import BUILDERS
 from handlers.core.config import HandlerConfig
 from handlers.core.pipelines import DTYPES, apply_memory_options, compile_denoiser, load_pipeline
@@ -133,38 +133,6 @@ def measure_autotune(run: Run) -> dict:
     return {"max-autotune": bare(run, settings)}
 
 
-class MemoryPeak:
-    """The peak memory a worker adds to the device while it serves; on a CPU, its peak resident memory."""
-
-    def __init__(self, run: Run, server: TorchServe):
-        self.run, self.server = run, server
-        self.baseline = self.peak = self.used()
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self.sample, daemon=True)
-
-    def used(self) -> int:
-        if self.run.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.run.device)
-            return total - free
-        return max((worker_hwm(process.pid) for process in self.server.workers()), default=0)
-
-    def sample(self) -> None:
-        while not self.stopped.wait(0.2):
-            self.peak = max(self.peak, self.used())
-
-    def __enter__(self) -> "MemoryPeak":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stopped.set()
-        self.thread.join()
-
-    @property
-    def worker_bytes(self) -> int:
-        return self.peak - self.baseline if self.run.device.type == "cuda" else self.peak
-
-
 def measure_served(run: Run, compiled: bool) -> dict:
     """The bare call with the same settings, then one TorchServe worker at batch 1, then at batch 4."""
     workload = run.workload
@@ -185,7 +153,7 @@ def measure_served(run: Run, compiled: bool) -> dict:
                    *(["--set", f"compile_cache_dir={run.out / f'inductor-{name}'}"] if compiled else [])]
         build_ours(store, name, *options)
         server = TorchServe(run.out / f"ts-{name}", store, {name: name})
-        with MemoryPeak(run, server) as memory:
+        with MemoryPeak(run.device, server) as memory:
             started = time.perf_counter()
             with server.start(timeout_s=900):
                 figures = {"start_to_ready_s": time.perf_counter() - started}
