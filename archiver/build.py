@@ -14,7 +14,7 @@ from model_archiver.model_archiver_config import ModelArchiverConfig
 from model_archiver.model_packaging_utils import ModelExportUtils
 
 import handlers
-from archiver.contents import PIPELINE_INDEX, select_component_files, select_pipeline_files
+from archiver.contents import PIPELINE_INDEX, UnsafePipeline, select_component_files, select_pipeline_files, stays_inside
 
 HANDLER_PACKAGE = Path(handlers.__file__).resolve().parent  # from the checkout or an installed wheel
 # The module TorchServe's manifest names, copied to the archive root: TorchServe takes the one class
@@ -45,6 +45,7 @@ class ServingConfig:
                 "maxWorkers": self.max_workers,
                 "batchSize": self.batch_size,
                 "maxBatchDelay": self.max_batch_delay_ms,
+                # Per batch: batchSize x the handler's request_timeout_s (handlers/torchserve/handler.py checks it).
                 "responseTimeout": self.response_timeout_s,
                 "startupTimeout": self.startup_timeout_s,
                 "handler": self.handler,
@@ -173,19 +174,31 @@ def copy_pipeline(source: Path, target: Path, allow_pickle_weights: bool, link: 
         path = source / relative
         destination = target / relative
         destination.parent.mkdir(parents=True, exist_ok=True)
-        stage_file(path.resolve(), destination, link)  # a link's target, never the link: the archive holds no links
-        print(f"  staging {relative} ({human_size(path.stat().st_size)})")
+        size = stage_file(path, destination, link, lambda opened: stays_inside(source, opened))
+        print(f"  staging {relative} ({human_size(size)})")
 
 
-def stage_file(source: Path, destination: Path, link: bool) -> None:
-    """With link, a hard link where the file system allows one: the file is read once, into the zip."""
-    if link:
-        try:
-            os.link(source, destination)
-            return
-        except OSError:  # another file system, or a file this user may not link (fs.protected_hardlinks)
-            pass
-    shutil.copyfile(source, destination)
+def stage_file(path: Path, destination: Path, link: bool, allowed) -> int:
+    """Open the file once, check that what was opened lies where allowed says, and stage that open file (a
+    link's target, never the link: the archive holds no links). A link swapped in after the selection was
+    checked cannot redirect what is staged. With link, a hard link where the file system allows one: the
+    file is read once, into the zip. Its size."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        opened = Path(os.readlink(f"/proc/self/fd/{descriptor}"))
+        if not allowed(opened):
+            raise UnsafePipeline(f"{path} opened {opened}, outside the source; links are never followed out")
+        if link:
+            try:
+                os.link(f"/proc/self/fd/{descriptor}", destination, follow_symlinks=True)
+                return os.fstat(descriptor).st_size
+            except OSError:  # another file system, or a file this user may not link (fs.protected_hardlinks)
+                pass
+        with os.fdopen(os.dup(descriptor), "rb") as source, open(destination, "wb") as copy:
+            shutil.copyfileobj(source, copy, 1 << 24)
+        return os.fstat(descriptor).st_size
+    finally:
+        os.close(descriptor)
 
 
 def copy_handler_package(target: Path) -> None:

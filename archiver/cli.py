@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import get_args
 
 from archiver.build import ServingConfig, archive_path, build_archive, built_from
-from archiver.contents import UnsafePipeline
+from archiver.contents import COMPONENT_NAME, UnsafePipeline
 from archiver.settings import handler_section, parse_assignments
 from archiver.sources import (
     SHIPPED,
@@ -60,13 +60,16 @@ def add_serving_arguments(build: argparse.ArgumentParser) -> None:
         help="milliseconds a lone request waits for batch-mates; requests already queued join at once, so a "
         "short wait costs no throughput (docs/batching.md). TorchServe ignores 0 and waits 100 ms (default: %(default)s)",
     )
-    serving.add_argument("--response-timeout", type=int, default=600, help="seconds per batch")
+    serving.add_argument(
+        "--request-timeout", type=positive_int, default=600,
+        help="seconds a request of max_work may take on the serving hardware: written as the handler's "
+        "request_timeout_s, and TorchServe's responseTimeout (per batch) becomes batch size x this (default: %(default)s)",
+    )
     serving.add_argument("--startup-timeout", type=int, default=600, help="seconds to load the model")
     serving.add_argument(
         "--server-config", type=Path, default=Path("config.properties"),
-        help="the config.properties that will serve the archive: its max_response_size and service_envelope "
-        "become the handler's max_response_bytes and service_envelope (default: ./config.properties, or "
-        "TorchServe's defaults where there is none)",
+        help="the config.properties that will serve the archive: its max_response_size becomes the handler's "
+        "max_response_bytes (default: ./config.properties, or TorchServe's defaults where there is none)",
     )
 
 
@@ -105,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         section, config = handler_section(args)
-        controlnet_sources = parse_assignments(args.controlnet, "--controlnet", as_yaml=False)
-        lora_sources = parse_assignments(args.lora, "--lora", as_yaml=False)
+        controlnet_sources = adapter_sources(args.controlnet, "--controlnet")
+        lora_sources = adapter_sources(args.lora, "--lora")
     except ValueError as error:  # pydantic's ValidationError is one
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     serving = ServingConfig(
         min_workers=args.min_workers, max_workers=args.max_workers, batch_size=args.batch_size,
-        max_batch_delay_ms=args.max_batch_delay, response_timeout_s=args.response_timeout,
+        max_batch_delay_ms=args.max_batch_delay, response_timeout_s=args.batch_size * args.request_timeout,
         startup_timeout_s=args.startup_timeout, handler=section,
     )
     with tempfile.TemporaryDirectory(prefix="archiver-") as workdir_name:
@@ -155,6 +158,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
     return 0
+
+
+def adapter_sources(assignments: list[str], option: str) -> dict[str, str]:
+    """NAME=SOURCE pairs; NAME becomes a folder of the archive (controlnets/NAME), so it must be a plain name."""
+    sources = parse_assignments(assignments, option, as_yaml=False)
+    for name in sources:
+        if not COMPONENT_NAME.fullmatch(name):
+            raise ValueError(f"{option} {name}=...: the name must be letters, digits, '_' and '-', so that it names a "
+                             "folder inside the archive")
+    return sources
 
 
 def source_identity(source: str, revision: str | None) -> str:

@@ -62,14 +62,11 @@ def select_component_files(source: Path, allow_pickle_weights: bool = False) -> 
 
 def select_files(source: Path, belongs, allow_pickle_weights: bool) -> Selection:
     suffixes = packed_suffixes(allow_pickle_weights)
-    root = source.resolve()
     files, left_out = [], []
     for path in sorted(source.rglob("*")):
         relative = PurePosixPath(path.relative_to(source).as_posix())
-        if path.is_symlink():
-            target = path.resolve()
-            if not (target.is_relative_to(root) or _is_hub_blob(source, target)):
-                raise UnsafePipeline(f"{relative} is a link to {target}, outside {source}; links are never followed out")
+        if path.is_symlink() and not stays_inside(source, path.resolve()):
+            raise UnsafePipeline(f"{relative} is a link to {path.resolve()}, outside {source}; links are never followed out")
         if path.is_dir():
             continue
         reason = _reason_to_leave_out(relative, belongs, suffixes)
@@ -94,7 +91,9 @@ def _reason_to_leave_out(relative: PurePosixPath, belongs, suffixes: tuple[str, 
     return None
 
 
-def _is_hub_blob(source: Path, target: Path) -> bool:
-    """Hugging Face cache snapshots are links into the same repository's blobs/ folder."""
+def stays_inside(source: Path, target: Path) -> bool:
+    """Whether a file (a link's target, or a file opened) lies inside source, or is one of its Hugging Face
+    cache blobs: cache snapshots are links into the same repository's blobs/ folder."""
     snapshots = source.resolve().parent
-    return snapshots.name == "snapshots" and target.is_relative_to(snapshots.parent / "blobs")
+    return target.is_relative_to(source.resolve()) or (
+        snapshots.name == "snapshots" and target.is_relative_to(snapshots.parent / "blobs"))

@@ -12,7 +12,7 @@ from handlers.core.config import HandlerConfig
 from handlers.core.flags import schema_values
 from handlers.core.limits import MAX_RESPONSE_BYTES, check_defaults_fit
 from handlers.core.schema import GenerationDefaults
-from handlers.torchserve.envelopes import envelope_size_bound
+from handlers.torchserve.kserve import request_size_bound
 
 
 def handler_section(args: argparse.Namespace) -> tuple[dict, HandlerConfig]:
@@ -25,10 +25,11 @@ def handler_section(args: argparse.Namespace) -> tuple[dict, HandlerConfig]:
         section["allow_pickle_weights"] = True
     if args.variant:
         section["variant"] = args.variant
+    section["request_timeout_s"] = args.request_timeout
     section.update(server_settings(args.server_config))
     section.update(parse_assignments(args.handler_options, "--set"))
     config = HandlerConfig(**section)
-    check_defaults_fit(config.generation_defaults, config.limits, envelope_size_bound(config.service_envelope))
+    check_defaults_fit(config.generation_defaults, config.limits, request_size_bound(config.kserve_protocol))
     return section, config
 
 
@@ -38,10 +39,13 @@ def server_settings(config_path: Path) -> dict:
         print("no ./config.properties: the archive assumes TorchServe's default settings", file=sys.stderr)
         return {"max_response_bytes": MAX_RESPONSE_BYTES}
     properties = read_properties(config_path)
-    settings = {"max_response_bytes": int(properties.get("max_response_size", MAX_RESPONSE_BYTES))}
     if properties.get("service_envelope"):
-        settings["service_envelope"] = properties["service_envelope"]
-    return settings
+        raise ValueError(
+            f"{config_path} sets service_envelope={properties['service_envelope']}: TorchServe's envelope would parse "
+            "clients' bytes before any guard of the handler's. Remove it, and build with --set kserve_protocol=v1 "
+            "(or v2): the handler reads and answers KServe's protocol itself"
+        )
+    return {"max_response_bytes": int(properties.get("max_response_size", MAX_RESPONSE_BYTES))}
 
 
 def read_properties(path: Path) -> dict[str, str]:

@@ -11,7 +11,7 @@ sys.path.insert(0, str(WRAPPER))
 
 import TorchserveModel  # noqa: E402 - the wrapper's module, beside this file in the image
 
-from handlers.torchserve.envelopes import v2_metadata  # noqa: E402
+from handlers.torchserve.kserve import v2_metadata  # noqa: E402
 
 INPUTS, OUTPUTS = v2_metadata()
 TorchserveModel.TorchserveModel.get_input_types = lambda self: INPUTS

@@ -12,16 +12,19 @@ made in). Creating the namespace needs root (CAP_SYS_ADMIN).
 import ctypes
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import threading
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
 import requests
+import yaml
 
 from devtools import REPO_ROOT
 
@@ -29,6 +32,11 @@ CLONE_NEWNET = 0x40000000
 BIN = Path(sys.executable).parent
 GCS_PORT = 6380  # the namespace is new and empty: fixed ports cannot collide
 SERVE_PORT = 8000  # Ray Serve's default, as users reach it
+DASHBOARD_PORT = 8265  # where `serve deploy` sends the Serve config, as KubeRay's operator does
+REQUEST_TIMEOUT_S = 660  # Serve's proxy answers no request later than this, as the shipped configs say
+
+
+PROXY_MIDDLEWARES = "handlers.ray.proxy:middlewares"
 
 
 def can_make_namespaces() -> bool:
@@ -82,18 +90,19 @@ class LoopbackNamespace:
 
 
 class RayServeCluster:
-    """`ray start` nodes and the app, in a LoopbackNamespace; requests go through namespaced threads.
+    """`ray start` nodes with Ray's token authentication on, and the app deployed from a Serve config file
+    with `serve deploy`, in a LoopbackNamespace; requests go through namespaced threads.
 
-    models: each model's name and source (a .mar, a directory, a hub id or a built-in); nodes: each
-    node's custom resources, head first, so that every node carries a label of its own.
+    models: each model's name and source (a .mar, a directory or a hub id); nodes: each node's custom
+    resources, head first, so that every node carries a label of its own; app_args: more of the
+    application's arguments (handlers/ray/app.py's AppArgs).
     """
 
     def __init__(self, workdir: Path, models: dict[str, Path | str], nodes: tuple[dict, ...] = ({"head_node": 1},),
-                 replicas: int = 1, cpus_per_node: int = 2, deploy_options: tuple[str, ...] = (), dashboard: bool = False):
+                 replicas: int = 1, cpus_per_node: int = 2, app_args: dict | None = None):
         self.workdir, self.models = workdir, {name: str(source) for name, source in models.items()}
         self.nodes, self.replicas, self.cpus_per_node = nodes, replicas, cpus_per_node
-        self.deploy_options = deploy_options  # more arguments for python -m handlers.ray
-        self.dashboard = dashboard  # Ray's state API (ray.util.state) answers through the dashboard
+        self.app_args = app_args or {}
         self.namespace: LoopbackNamespace | None = None
         self.clients = ThreadPoolExecutor(16, initializer=self._enter_namespace)
         self.env = {
@@ -101,6 +110,11 @@ class RayServeCluster:
             "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
             "PYTHONPATH": str(REPO_ROOT),  # replicas import this checkout's handlers, as TorchServe's workers do
             "RAY_USAGE_STATS_ENABLED": "0",
+            # Token authentication on Ray's control plane, as in production (kuberay/rayservice.yaml).
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(16),
+            # Serve's proxy caps bodies as they arrive (handlers/ray/proxy.py), as serve_ray.sh and KubeRay set it.
+            "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_MIDDLEWARES,
         }
         # Ray's Unix sockets live under its temp dir, whose path must stay short (108 bytes with the socket's name).
         self.temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
@@ -126,19 +140,41 @@ class RayServeCluster:
         try:
             common = ["--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus_per_node}", "--disable-usage-stats"]
             head, *others = self.nodes
-            dashboard = ["--include-dashboard=true", "--dashboard-host=127.0.0.1"] if self.dashboard else ["--include-dashboard=false"]
-            self.run(["ray", "start", "--head", f"--port={GCS_PORT}", *dashboard, f"--temp-dir={self.temp_dir}",
+            self.run(["ray", "start", "--head", f"--port={GCS_PORT}", "--include-dashboard=true",
+                      "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}", f"--temp-dir={self.temp_dir}",
                       f"--resources={json.dumps(head)}", *common])
             for resources in others:
                 self.run(["ray", "start", f"--address=127.0.0.1:{GCS_PORT}", f"--resources={json.dumps(resources)}", *common])
-            for name, source in self.models.items():  # one application per model, at /predictions/<name>
-                self.run([sys.executable, "-m", "handlers.ray", "--source", source, "--model-name", name,
-                          "--replicas", str(self.replicas), "--address", f"127.0.0.1:{GCS_PORT}", *self.deploy_options],
-                         600)
+            self.deploy(self.serve_config())
         except BaseException:
             self.stop()
             raise
         return self
+
+    def serve_config(self) -> dict:
+        """One application per model, at /predictions/<name>, as serve_ray.sh and KubeRay deploy them."""
+        applications = [{"name": name, "route_prefix": f"/predictions/{name}", "import_path": "handlers.ray.app:build_app",
+                         "args": {"source": source, "model_name": name, "replicas": self.replicas, **self.app_args}}
+                        for name, source in self.models.items()]
+        return {"http_options": {"host": "127.0.0.1", "port": SERVE_PORT, "request_timeout_s": REQUEST_TIMEOUT_S},
+                "applications": applications}
+
+    def deploy(self, config: dict, timeout_s: float = 600) -> None:
+        """`serve deploy` a Serve config file, then wait until every application runs."""
+        path = self.workdir / "serve.yaml"
+        path.write_text(json.dumps(config))  # JSON is YAML
+        self.run(["serve", "deploy", str(path), "--address", f"http://127.0.0.1:{DASHBOARD_PORT}"])
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = self.run(["serve", "status", "--address", f"http://127.0.0.1:{DASHBOARD_PORT}"]).stdout
+            states = {name: application["status"]
+                      for name, application in (yaml.safe_load(status).get("applications") or {}).items()}
+            if states and all(state == "RUNNING" for state in states.values()) and set(states) >= set(self.models):
+                return
+            if any(state in ("DEPLOY_FAILED", "UNHEALTHY") for state in states.values()) or time.monotonic() > deadline:
+                raise RuntimeError(f"the Serve applications did not start: {status[-3000:]}")
+            time.sleep(1)
+
 
     def predict(self, name: str, **kwargs) -> requests.Response:
         kwargs.setdefault("timeout", 300)
@@ -154,9 +190,11 @@ class RayServeCluster:
         return self.namespace.command(argv)
 
     def replica_log(self) -> str:
-        """What the replicas' processes wrote (Ray keeps each worker's output in its session's logs)."""
+        """What the replicas and ingresses logged: Serve's own log files (our modules log through Serve's
+        logger), and their processes' output."""
         logs = self.temp_dir / "session_latest" / "logs"
-        return "".join(path.read_text(errors="replace") for path in sorted(logs.glob("worker-*")))
+        paths = [*sorted((logs / "serve").glob("replica_*")), *sorted(logs.glob("worker-*"))]
+        return "".join(path.read_text(errors="replace") for path in paths)
 
     def state(self, code: str) -> object:
         """Evaluate Python against the cluster's state API inside the namespace; code sets `result`."""

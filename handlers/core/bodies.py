@@ -48,8 +48,8 @@ def unwrap_kserve_body(body: dict[str, Any]) -> dict[str, Any]:
         instances = body["instances"]
         if not isinstance(instances, list) or len(instances) != 1:
             raise RequestError(
-                "`instances` must hold exactly one instance per request here; to send several, "
-                "start TorchServe with service_envelope=kserve",
+                "`instances` must hold exactly one instance per request here; to send several, build the "
+                "archive with --set kserve_protocol=v1",
                 field="instances",
             )
         return instance_fields(instances[0])
@@ -70,8 +70,14 @@ def instance_fields(instance: Any) -> dict[str, Any]:
 
 def merge_v2_inputs(inputs: list[dict]) -> dict[str, Any]:
     """KServe v2 inputs become fields by name; one unnamed-field input is the prompt."""
+    if len(inputs) > len(GenerationRequest.model_fields):
+        raise RequestError(f"{len(inputs)} inputs; a request has at most {len(GenerationRequest.model_fields)} fields",
+                           field="inputs", allowed=sorted(GenerationRequest.model_fields))
     fields: dict[str, Any] = {}
     for item in inputs:
+        if not isinstance(item.get("name"), str) or not isinstance(item.get("datatype"), str) or "data" not in item:
+            raise RequestError('every KServe v2 input needs a "name" and a "datatype" (text), and its "data"',
+                               field="inputs")
         data = item.get("data")
         if isinstance(data, list) and len(data) == 1:
             data = data[0]
@@ -112,8 +118,9 @@ def as_text(value: Any) -> Any:
 def _load_json(text: str) -> Any:
     try:
         return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise RequestError(f"the body is not valid JSON: {error}", field="body") from None
+    except (ValueError, RecursionError) as error:  # ValueError: bad syntax, or an integer past Python's digit limit
+        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)[:200]
+        raise RequestError(f"the body is not valid JSON: {reason}", field="body") from None
 
 
 def _json_object(text: str) -> dict | None:
@@ -121,6 +128,6 @@ def _json_object(text: str) -> dict | None:
         return None
     try:
         parsed = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON after all: text that starts with a brace is a prompt
         return None
     return parsed if isinstance(parsed, dict) else None

@@ -11,7 +11,7 @@ TorchDtype = Literal["auto", "float32", "float16", "bfloat16"]
 Batching = Literal["auto", "combined", "per_request"]
 CpuOffload = Literal["none", "model", "sequential"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
-ServiceEnvelope = Literal["none", "kserve", "kservev2"]
+KServeProtocol = Literal["none", "v1", "v2"]
 # diffusers' attention dispatcher backends that run from installed code; its "_hub" backends download
 # kernels at load time, which a server must not do.
 AttentionBackend = Literal[
@@ -32,10 +32,12 @@ class HandlerConfig(GenerationDefaults, Limits):
         description="combined: compatible requests share one pipeline call (faster); per_request: one call "
         "each, so pixels never depend on batch neighbours; auto: combined on CUDA, per_request on CPU",
     )
-    service_envelope: ServiceEnvelope = Field(
+    kserve_protocol: KServeProtocol = Field(
         "none",
-        description="the service_envelope that TorchServe's config.properties wraps this model in. TorchServe does "
-        "not tell a handler which one it runs, and an envelope needs JSON values where a plain request gets bytes",
+        description="KServe's protocol, for a model behind KServe's TorchServe wrapper: the handler reads v1 "
+        "{\"instances\": [...]} or v2 {\"inputs\": [...]} bodies and answers in kind, every byte of the answer "
+        "counted before any work. TorchServe's own service_envelope stays unset: it would parse a client's "
+        "bytes before any guard",
     )
     allow_pickle_weights: bool = Field(
         False, description="load .bin/.ckpt weights; pickle can run code, so only for trusted models"

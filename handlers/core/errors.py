@@ -51,7 +51,10 @@ class InternalError(RequestError):
 
 def excerpt(value: Any, limit: int = 60) -> str:
     """A short repr of client input for an error message: a 1 MB field must not come back in a 1 MB error."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an integer past Python's digit limit; a structure nested too deep
+        return f"a {type(value).__name__} too large to quote"
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 

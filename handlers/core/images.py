@@ -10,6 +10,15 @@ from PIL import Image
 from handlers.core.errors import PayloadTooLarge, RequestError
 
 IMAGE_FIELDS = ("image", "mask_image", "control_image")
+# What decoding may cost beyond the pixels, each counted by a walk over the file's structure before any
+# decoder runs. A progressive JPEG from common encoders has 10 scans (libjpeg's script; mozjpeg's up to
+# about 20), and every scan makes the decoder walk every block of the image: a file of thousands of empty
+# scans, 40 bytes each, costs seconds. PNG chunks and WebP chunks cost a little each; compressed PNG
+# text decompresses up to 1 MB each (Pillow's own cap); an animated WebP is demuxed frame by frame.
+MAX_JPEG_SCANS = 32
+MAX_PNG_CHUNKS = 8192
+MAX_PNG_COMPRESSED_CHUNKS = 8  # zTXt, iTXt, iCCP
+MAX_WEBP_CHUNKS = 64
 # The formats README documents, by their file signatures. Anything else is refused before Pillow
 # sees it, so none of Pillow's many other decoders ever parses client bytes.
 SIGNATURES = {"PNG": (b"\x89PNG\r\n\x1a\n",), "JPEG": (b"\xff\xd8\xff",)}
@@ -23,14 +32,15 @@ def decode_image(value: str | bytes, field: str, max_pixels: int) -> Image.Image
     pixels are decompressed: a few kB of PNG can otherwise expand to gigabytes. Any failure of the
     decoder is the input's fault, whatever exception Pillow raises for it.
     """
-    data = value if isinstance(value, (bytes, bytearray)) else _from_base64(value, field)
-    image_format = sniff_format(bytes(data[:16]))
+    data = bytes(value) if isinstance(value, (bytes, bytearray)) else _from_base64(value, field)
+    image_format = sniff_format(data[:16])
     if image_format is None:
         raise RequestError(
-            f"{field} is not a PNG, JPEG or WebP file (its first bytes are {bytes(data[:8])!r})",
+            f"{field} is not a PNG, JPEG or WebP file (its first bytes are {data[:8]!r})",
             field=field,
             allowed=HOW_TO_SEND_AN_IMAGE,
         )
+    check_structure(data, image_format, field)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -56,6 +66,75 @@ def decode_image(value: str | bytes, field: str, max_pixels: int) -> Image.Image
             field=field,
             allowed=HOW_TO_SEND_AN_IMAGE,
         ) from None
+
+
+def check_structure(data: bytes, image_format: str, field: str) -> None:
+    """Refuse, before decoding, a file whose structure would cost more to decode than its pixels do."""
+    refusal = {"JPEG": _jpeg_refusal, "PNG": _png_refusal, "WEBP": _webp_refusal}[image_format](data)
+    if refusal:
+        raise RequestError(f"{field}: {refusal}", field=field, allowed=HOW_TO_SEND_AN_IMAGE)
+
+
+def _jpeg_refusal(data: bytes) -> str | None:
+    """Counts the scans (SOS segments) by walking the markers; entropy-coded data is skipped to the next
+    marker with bytes.find, so the walk costs a pass over the bytes."""
+    position, scans = 2, 0
+    while position + 4 <= len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill bytes before a marker
+            position += 1
+            continue
+        if marker == 0xD9:  # end of image
+            break
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            position += 2
+            continue
+        position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
+        if marker == 0xDA:
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                return f"a JPEG of more than {MAX_JPEG_SCANS} scans (common encoders write at most about 20)"
+            position = _next_jpeg_marker(data, position)
+    return None
+
+
+def _next_jpeg_marker(data: bytes, position: int) -> int:
+    """The next marker after a scan's entropy-coded data: 0xFF not followed by a stuffed 0 or a restart."""
+    while (position := data.find(b"\xff", position)) != -1 and position + 1 < len(data):
+        following = data[position + 1]
+        if following != 0 and not 0xD0 <= following <= 0xD7 and following != 0xFF:
+            return position
+        position += 1 if following == 0xFF else 2
+    return len(data)
+
+
+def _png_refusal(data: bytes) -> str | None:
+    position, chunks, compressed = 8, 0, 0
+    while position + 8 <= len(data):
+        length, kind = int.from_bytes(data[position:position + 4], "big"), data[position + 4:position + 8]
+        chunks += 1
+        compressed += kind in (b"zTXt", b"iTXt", b"iCCP")
+        if chunks > MAX_PNG_CHUNKS:
+            return f"a PNG of more than {MAX_PNG_CHUNKS} chunks"
+        if compressed > MAX_PNG_COMPRESSED_CHUNKS:
+            return f"a PNG of more than {MAX_PNG_COMPRESSED_CHUNKS} compressed text or profile chunks"
+        if kind == b"IEND":
+            break
+        position += 12 + length
+    return None
+
+
+def _webp_refusal(data: bytes) -> str | None:
+    position, chunks = 12, 0
+    while position + 8 <= len(data):
+        kind, length = data[position:position + 4], int.from_bytes(data[position + 4:position + 8], "little")
+        chunks += 1
+        if kind in (b"ANIM", b"ANMF"):
+            return "an animated WebP; send a still image"
+        if chunks > MAX_WEBP_CHUNKS:
+            return f"a WebP of more than {MAX_WEBP_CHUNKS} chunks"
+        position += 8 + length + (length & 1)
+    return None
 
 
 def sniff_format(head: bytes) -> str | None:

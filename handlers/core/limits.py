@@ -13,10 +13,12 @@ MAX_REQUEST_BYTES = 6_553_500
 # TorchServe's default max_response_size, for a server whose config.properties sets none.
 MAX_RESPONSE_BYTES = 6_553_500
 
-# Eight 1024x1024 images of 50 steps. The tiny default model runs about 2 million pixel-steps a
-# second on a 2-core CPU, so this budget ends within the default responseTimeout (600 s) there;
-# a GPU runs real models many times faster. Set it for your model and hardware.
-DEFAULT_MAX_WORK = 8 * 50 * 1024 * 1024
+# Work is counted in pixel-evaluations: one pixel through one evaluation of the denoiser (the UNet or
+# transformer). A step is one evaluation, twice over with classifier-free guidance; Heun makes 2N-1 for N
+# steps. The default is eight 1024x1024 images of 50 steps with guidance. The tiny test model runs about 4
+# million pixel-evaluations a second on a 2-core CPU, so this budget ends within the default
+# request_timeout_s (600 s) there; a GPU runs real models many times faster. Set it for your model and hardware.
+DEFAULT_MAX_WORK = 8 * 50 * 2 * 1024 * 1024
 
 # The most bytes the answer to a request can take, as the engine sends it.
 SizeBound = Callable[[GenerationRequest], int]
@@ -39,14 +41,22 @@ class Limits(BaseModel):
         description="the server's max_response_size (the archiver copies it from config.properties); an answer "
         "that could be larger is refused with 413 before any work, since TorchServe would drop it and the worker",
     )
+    request_timeout_s: int = Field(
+        600, ge=1,
+        description="the seconds a request of max_work takes at most on this hardware: TorchServe's "
+        "responseTimeout must cover a batch of them (batchSize x this; the archiver writes it so), or a full batch "
+        "of legal requests outlives it and the frontend kills the worker",
+    )
     max_work: int = Field(
         DEFAULT_MAX_WORK,
         ge=1,
-        description="denoising steps x height x width x images one request may ask for; past it, 413 before any work",
+        description="the pixel-evaluations one request may ask for: denoiser evaluations (a step each, twice with "
+        "guidance, 2N-1 for Heun's N steps) x height x width x images; past it, 413 before any work",
     )
 
 
-def check_limits(request: GenerationRequest, limits: Limits, size_bound: SizeBound) -> None:
+def check_limits(request: GenerationRequest, limits: Limits, size_bound: SizeBound, own_sampler_order: int = 1) -> None:
+    """own_sampler_order: evaluations per step of the pipeline's own sampler, for a request that names none."""
     if request.num_images_per_prompt > limits.max_images_per_prompt:
         raise RequestError(
             f"num_images_per_prompt: at most {limits.max_images_per_prompt} (got {request.num_images_per_prompt})",
@@ -67,11 +77,13 @@ def check_limits(request: GenerationRequest, limits: Limits, size_bound: SizeBou
             field="num_images_per_prompt",
             allowed={"max_images_per_request": limits.max_images_per_request},
         )
-    if request.work > limits.max_work:
+    work = request.work(own_sampler_order)
+    if work > limits.max_work:
         raise PayloadTooLarge(
-            f"the request asks for {request.denoising_steps} steps x {request.width}x{request.height} pixels x "
-            f"{request.image_count} images = {request.work} pixel-steps; this model allows {limits.max_work} per "
-            "request: ask for fewer steps, fewer images or smaller images",
+            f"the request asks for {request.evaluations(own_sampler_order)} denoiser evaluations ({request.denoising_steps} "
+            f"steps{', twice with guidance' if request.guidance_scale > 1 else ''}) x {request.width}x{request.height} "
+            f"pixels x {request.image_count} images = {work} pixel-evaluations; this model allows {limits.max_work} "
+            "per request: ask for fewer steps, fewer images or smaller images",
             field="num_inference_steps",
             allowed={"max_work": limits.max_work},
         )
@@ -86,10 +98,11 @@ def check_limits(request: GenerationRequest, limits: Limits, size_bound: SizeBou
         )
 
 
-def check_defaults_fit(defaults: GenerationDefaults, limits: Limits, size_bound: SizeBound) -> None:
+def check_defaults_fit(defaults: GenerationDefaults, limits: Limits, size_bound: SizeBound, own_sampler_order: int = 1) -> None:
     """At start-up and at build time: a request that sets nothing must pass the model's own limits."""
     try:
-        check_limits(GenerationRequest(**{**defaults.model_dump(), "prompt": "x", "seed": 0}), limits, size_bound)
+        request = GenerationRequest(**{**defaults.model_dump(), "prompt": "x", "seed": 0})
+        check_limits(request, limits, size_bound, own_sampler_order)
     except RequestError as error:
         raise ValueError(
             f"the handler: section's defaults break its own limits, so every request that relies on them would "

@@ -14,6 +14,9 @@ from handlers.core.limits import Limits, SizeBound, check_limits
 from handlers.core.schema import GenerationDefaults, GenerationRequest
 
 MAX_FIELD_NAME = 60  # an unknown field's name is echoed back; a client may send a megabyte of it
+# The most items a list or object field may hold (prompts, LoRA adapters), checked before pydantic, which
+# builds an error object per bad item: a body of a million empty lists cost seconds and gigabytes to refuse.
+MAX_ITEMS = 64
 
 
 @dataclass(frozen=True)
@@ -31,9 +34,11 @@ def parse_request(
     size_bound: SizeBound,
     accept: str | None = None,
     adapters: Adapters = Adapters(),
+    own_sampler_order: int = 1,
 ) -> GenerationRequest:
     """Validate a request's fields; accept is the Accept header, size_bound the most bytes the answer can
-    take as the engine sends it."""
+    take as the engine sends it, own_sampler_order the evaluations per step of the pipeline's own sampler."""
+    check_shapes(fields)
     fields = dict(fields)
     if "output_format" not in fields and (chosen := format_from_accept(accept)):
         fields["output_format"] = chosen
@@ -50,7 +55,7 @@ def parse_request(
         request = GenerationRequest(**{**defaults.model_dump(), **fields})
     except ValidationError as error:
         raise _as_request_error(error) from None
-    check_limits(request, limits, size_bound)
+    check_limits(request, limits, size_bound, own_sampler_order)
     check_task_inputs(request)
     check_adapters(request, adapters)
     for name in IMAGE_FIELDS:
@@ -58,6 +63,33 @@ def parse_request(
         if image is not None and image.size != (request.width, request.height):
             setattr(request, name, image.resize((request.width, request.height)))
     return request
+
+
+def check_shapes(fields: dict[str, Any]) -> None:
+    """What validation will cost, bounded before it runs: only known fields, and in them scalars, or a list
+    of texts (prompt) or an object of names to numbers (lora) of at most MAX_ITEMS items."""
+    unknown = next((name for name in fields if name not in GenerationRequest.model_fields), None)
+    if unknown is not None:
+        name = str(unknown)[:MAX_FIELD_NAME]
+        raise RequestError(f"unknown field {excerpt(name)}", field=name, allowed=sorted(GenerationRequest.model_fields))
+    for name, value in fields.items():
+        if isinstance(value, (list, dict)):
+            check_container(name, value)
+
+
+def check_container(name: str, value: list | dict) -> None:
+    kind = "list" if isinstance(value, list) else "object"
+    expected = {"prompt": ("list", (str,)), "lora": ("object", (int, float))}.get(name)
+    if expected is None or expected[0] != kind:
+        raise RequestError(f"{name}: a {kind} is not a value this field takes", field=name, allowed=allowed_values(name))
+    if len(value) > MAX_ITEMS:
+        raise RequestError(f"{name}: {len(value)} items; at most {MAX_ITEMS}", field=name, allowed={"max_items": MAX_ITEMS})
+    items = value if kind == "list" else value.values()
+    if not all(isinstance(item, expected[1]) and not isinstance(item, bool) for item in items):
+        what = "texts" if name == "prompt" else "numbers"
+        raise RequestError(f"{name}: every item must be one of the {what}", field=name, allowed=allowed_values(name))
+    if kind == "object" and not all(isinstance(key, str) for key in value):
+        raise RequestError(f"{name}: every name must be text", field=name, allowed=allowed_values(name))
 
 
 def infer_task(fields: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ from PIL.Image import Image
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from handlers.core.formats import OUTPUT_FORMATS
-from handlers.core.samplers import SAMPLERS
+from handlers.core.samplers import SAMPLERS, Sampler
 
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_LENGTH = 1000
@@ -143,10 +143,16 @@ class GenerationRequest(GenerationDefaults):
             return self.num_inference_steps
         return min(int(self.num_inference_steps * self.effective_strength), self.num_inference_steps)
 
-    @property
-    def work(self) -> int:
-        """What the request costs, in pixel-steps: denoising steps x height x width x images."""
-        return self.denoising_steps * self.height * self.width * self.image_count
+    def evaluations(self, own_sampler_order: int = 1) -> int:
+        """Denoiser evaluations per image: one per step (a second-order sampler such as Heun: 2N-1 for N
+        steps), twice over with classifier-free guidance, which evaluates the prompt and the negative one.
+        own_sampler_order is the order of the pipeline's own sampler, for a request that names none."""
+        sampler = SAMPLERS[self.scheduler] if self.scheduler else Sampler("", order=own_sampler_order)
+        return sampler.evaluations(self.denoising_steps) * (2 if self.guidance_scale > 1 else 1)
+
+    def work(self, own_sampler_order: int = 1) -> int:
+        """What the request costs: denoiser evaluations x height x width x images (pixel-evaluations)."""
+        return self.evaluations(own_sampler_order) * self.height * self.width * self.image_count
 
     def batch_key(self) -> str:
         """Requests with equal keys can share one pipeline call: they agree on every field that is not

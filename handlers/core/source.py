@@ -1,7 +1,9 @@
 """Where a model comes from: an archive the archiver built (a .mar, or its no-archive directory), a
 pipeline directory, or a Hugging Face Hub id, with the model-config.yaml settings that come with it."""
 
+import os
 import re
+import stat
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -38,12 +40,15 @@ class ModelSource:
         return int(self.model_config.get("maxBatchDelay", 1)) / 1000
 
 
-def open_source(source: str, unpack_root: Path | None = None) -> ModelSource:
-    """A .mar (unpacked safely, once per content), a directory the archiver built (no-archive), a pipeline
-    directory, or a Hugging Face Hub id (fetched through the Hugging Face cache, safetensors only)."""
+def open_source(source: str, unpack_root: str | Path | None = None) -> ModelSource:
+    """A .mar (unpacked safely, once per content, into a private directory, under the archive's own
+    max_unpacked_bytes), a directory the archiver built (no-archive), a pipeline directory, or a Hugging
+    Face Hub id (fetched through the Hugging Face cache, safetensors only)."""
     path = Path(source).expanduser()
     if path.is_file():
-        path = unpack_once(path, unpack_root or Path(tempfile.gettempdir()) / "diffusers-models")
+        cap = load_handler_config(model_config_of(source)).max_unpacked_bytes
+        root = private_directory(Path(unpack_root) if unpack_root else default_unpack_root())
+        path = unpack_once(path, root, cap)
     if path.is_dir() and (path / MODEL_CONFIG).is_file():
         return ModelSource(path, yaml.safe_load((path / MODEL_CONFIG).read_text()) or {})
     if path.is_dir():
@@ -51,6 +56,21 @@ def open_source(source: str, unpack_root: Path | None = None) -> ModelSource:
     if not is_hub_id(source):
         raise ValueError(f"{source} is neither a .mar, a directory, nor a Hugging Face Hub id (owner/name)")
     return ModelSource(download_pipeline(source))
+
+
+def default_unpack_root() -> Path:
+    return Path(tempfile.gettempdir()) / f"diffusers-models-{os.getuid()}"
+
+
+def private_directory(path: Path) -> Path:
+    """path, made if missing, and refused unless it is a directory of ours that no one else may write to or
+    read: whatever another local user planted there (an unpacked model marked complete) would be served."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    status = os.lstat(path)
+    if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid() or status.st_mode & 0o077:
+        raise ValueError(f"{path} must be a directory owned by this user (uid {os.getuid()}) with mode 0700, "
+                         "since archives are unpacked there and served from there; remove it, or choose another")
+    return path
 
 
 def model_config_of(source: str) -> dict:

@@ -12,7 +12,7 @@ from handlers.core.errors import RequestError
 from handlers.core.execution_device import pin_execution_device, pinned_device
 from handlers.core.samplers import SAMPLERS
 
-SCHEDULERS = {name: (getattr(diffusers, class_name), settings) for name, (class_name, settings) in SAMPLERS.items()}
+SCHEDULERS = {name: (getattr(diffusers, sampler.class_name), sampler.settings) for name, sampler in SAMPLERS.items()}
 AUTO_PIPELINES = {
     "txt2img": AutoPipelineForText2Image,
     "img2img": AutoPipelineForImage2Image,

@@ -1,41 +1,59 @@
 """The HTTP ingress: reads each request's body (up to the body limit), hands it to a model replica, and
 publishes the model's request schema at openapi.json and docs, beside /predictions/<model>.
 
-It is what lets a request outlive the replica it was sent to: when that replica's process dies, the
-ingress sends the request once more, to another replica.
+A request that surely did not run, because its replica stopped before its batch started, is sent once
+more to another replica, with the seed the ingress fixed, so it makes the same images. A request that was
+being generated when its replica stopped is not: it may be what stopped it (a query of death would stop
+every replica it is sent to), so it is answered 503 and remembered, and the same request is refused at once
+from then on.
 """
 
+import asyncio
 import logging
 
 from fastapi.openapi.docs import get_swagger_ui_html
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from handlers.core.answers import Answer
-from handlers.core.errors import PayloadTooLarge, RequestError
+from handlers.core.errors import RequestError
 from handlers.core.limits import MAX_REQUEST_BYTES
+from handlers.ray import ledger
+from handlers.ray.intake import RawRequest, read_request
+from handlers.ray.logs import use_serve_logging
 from handlers.ray.metrics import RayMetrics
 from handlers.ray.openapi import openapi_document
-from handlers.ray.replica import RawRequest, log_to_worker_output
+from handlers.ray.replica import GENERATING
 
 logger = logging.getLogger(__name__)
 
-FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
-# A request whose replica died goes to one more: a second death may be the request's own doing, and a
-# third replica is not worth risking on it.
-ATTEMPTS = 2
-
+ATTEMPTS = 2  # a request that surely did not run goes to one more replica when its replica stops
 NOT_FOUND = {"error": "not found: POST a request to this path; GET openapi.json or docs below it"}
 
 
 class ReplicaDied(RequestError):
-    """The replica generating this request stopped, and so did the one it was sent to next."""
+    """The replica generating this request stopped (or, before it ran, this one and another)."""
 
     status = 503
     kind = "replica_died"
+
+
+class Suspect(RequestError):
+    """The same request was being generated when a replica stopped: it is not generated again."""
+
+    status = 422
+    kind = "replica_stopped_by"
+
+
+class Busy(RequestError):
+    """The model's replicas hold as many requests as they may queue: answered at once, as TorchServe does."""
+
+    status = 503
+    kind = "busy"
 
 
 def response_of(answer: Answer) -> Response:
@@ -49,7 +67,7 @@ class HttpIngress:
 
     def __init__(self, model: DeploymentHandle, model_name: str, description: dict, api_docs: bool = True,
                  max_request_bytes: int = MAX_REQUEST_BYTES):
-        log_to_worker_output()
+        use_serve_logging()
         self.model = model.options(stream=True)
         self.model_name, self.description, self.api_docs = model_name, description, api_docs
         self.max_request_bytes = max_request_bytes
@@ -69,30 +87,51 @@ class HttpIngress:
         return JSONResponse(NOT_FOUND, status_code=404)
 
     async def predict(self, http: Request) -> Response:
+        # Serve's own request id: its access log and our modules' log lines carry it.
+        request_id = serve.context._get_serve_request_context().request_id
         try:
-            raw = await self._read(http)
+            raw = await read_request(http, request_id, self.max_request_bytes)
         except RequestError as error:
             return self._refuse(error)
+        if await asyncio.to_thread(ledger.is_suspect, raw.fingerprint):
+            return self._refuse(Suspect("this request was being generated when a replica stopped; it is not "
+                                        "generated again"))
         for attempt in range(1, ATTEMPTS + 1):
-            answers = self.model.answer.remote(raw)
+            answers, started = self.model.answer.remote(raw), False
             try:
-                answer = await answers.__anext__()
+                first = await answers.__anext__()
+                if first == GENERATING:
+                    started, first = True, await answers.__anext__()
                 break
-            except RayActorError:
-                logger.warning("the replica answering %s died (attempt %d of %d)", raw.request_id, attempt, ATTEMPTS)
+            except BackPressureError:
+                return self._refuse(Busy("the model's queue is full; retry later"))
+            except RayActorError as error:
+                # ActorUnavailableError: Ray cannot say whether the request ran; the ledger says what started.
+                if started or isinstance(error, ActorUnavailableError) or await asyncio.to_thread(ledger.was_started, request_id):
+                    await asyncio.to_thread(ledger.forget, [request_id])
+                    return await self._stopped_while_generating(raw)
+                logger.warning("the replica holding %s stopped before it ran (attempt %d of %d)", request_id,
+                               attempt, ATTEMPTS)
         else:
-            return self._refuse(ReplicaDied(f"the replicas generating this request stopped, {ATTEMPTS} times; "
-                                            "it was not answered"))
-        if answer.body is not None:
-            return response_of(answer)
-        return StreamingResponse(self._rest(answers), media_type=answer.content_type)
+            return self._refuse(ReplicaDied(f"the replicas holding this request stopped, {ATTEMPTS} times, before "
+                                            "it ran; it was not answered"))
+        if first.body is not None:
+            return response_of(first)
+        return StreamingResponse(self._rest(raw, answers), media_type=first.content_type)
 
-    async def _rest(self, answers):
-        """A stream's progress lines and answer; a replica that dies midway ends it with an error line."""
+    async def _stopped_while_generating(self, raw: RawRequest) -> Response:
+        await asyncio.to_thread(ledger.add_suspect, raw.fingerprint)
+        logger.warning("the replica generating %s stopped; it is not sent again", raw.request_id)
+        return self._refuse(ReplicaDied("the replica generating this request stopped; it is not sent again, since "
+                                        "it may be what stopped it"))
+
+    async def _rest(self, raw: RawRequest, answers):
+        """A stream's progress lines and answer; a replica that stops midway ends it with an error line."""
         try:
             async for line in answers:
                 yield line
         except RayActorError:
+            await asyncio.to_thread(ledger.add_suspect, raw.fingerprint)
             error = ReplicaDied("the replica generating this request stopped while it streamed")
             self.metrics.record(Answer.refusal(error, self.model_name).metrics)
             yield error.to_json() + "\n"
@@ -101,28 +140,3 @@ class HttpIngress:
         answer = Answer.refusal(error, self.model_name)
         self.metrics.record(answer.metrics)
         return response_of(answer)
-
-    async def _read(self, http: Request) -> RawRequest:
-        headers = http.headers
-        raw = RawRequest(headers.get("content-type", ""), headers.get("accept"), headers.get("x-request-id", ""))
-        too_large = PayloadTooLarge(
-            f"the body is over this server's limit of {self.max_request_bytes} bytes",
-            field="body", allowed={"max_request_bytes": self.max_request_bytes},
-        )
-        declared = headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_request_bytes:
-            raise too_large
-        if raw.content_type.startswith(FORM_TYPES):
-            try:
-                raw.form = {key: await value.read() if hasattr(value, "read") else value
-                            for key, value in (await http.form()).multi_items()}
-            except Exception:  # noqa: BLE001 - a form the parser cannot read is this request's error
-                raise RequestError("the form body could not be read", field="body") from None
-            return raw
-        body = bytearray()
-        async for chunk in http.stream():
-            body += chunk
-            if len(body) > self.max_request_bytes:
-                raise too_large
-        raw.body = bytes(body)
-        return raw

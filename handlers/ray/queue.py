@@ -11,12 +11,20 @@ from handlers.core.schema import GenerationRequest
 logger = logging.getLogger(__name__)
 
 
+def max_ongoing(batch_size: int) -> int:
+    """What a replica holds at once: a batch generating and the next one forming."""
+    return 2 * batch_size
+
+
 @dataclass
 class QueuedRequest:
-    """One request waiting for a batch, where its progress lines go when it streams, and its result."""
+    """One request waiting for a batch, its request id, where its progress lines go when it streams, when its
+    batch started, and its result."""
 
     request: GenerationRequest | RequestError
+    request_id: str = ""
     progress: asyncio.Queue | None = None
+    started: asyncio.Event = field(default_factory=asyncio.Event)
     result: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -33,6 +41,10 @@ class BatchQueue:
         self.run_batch, self.batch_size, self.batch_delay_s = run_batch, batch_size, batch_delay_s
         self.waiting: asyncio.Queue[QueuedRequest] = asyncio.Queue()
         self.runner: asyncio.Task | None = None
+
+    def reconfigure(self, batch_size: int, batch_delay_s: float) -> None:
+        """New batches form with these; the one running keeps its own."""
+        self.batch_size, self.batch_delay_s = batch_size, batch_delay_s
 
     async def result(self, queued: QueuedRequest):
         if self.runner is None or self.runner.done():
@@ -62,6 +74,8 @@ class BatchQueue:
             batch = await self._next_batch()
             if not batch:
                 continue
+            for queued in batch:
+                queued.started.set()
             try:
                 results = await self.run_batch(batch)
             except Exception:  # noqa: BLE001 - the service keeps each request's own error; this one is ours

@@ -1,63 +1,43 @@
-"""The model's replicas: each holds the core's DiffusionService, fed by its BatchQueue."""
+"""The model's replicas: each holds the core's DiffusionService, fed by its BatchQueue. Ray Serve's own
+mechanisms do the rest: check_health replaces a replica whose pipeline is stuck or whose CUDA context is
+broken, reconfigure takes a new batch size and delay (user_config), and the deployment's options (app.py)
+bound its queue and let a downscale finish the batches it holds."""
 
 import asyncio
 import functools
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 from ray import serve
 
 from handlers.core.answers import Answer, progress_line
-from handlers.core.bodies import fields_from_body, fields_from_form
 from handlers.core.errors import RequestError
 from handlers.core.formats import NDJSON
 from handlers.core.source import open_source
+from handlers.ray import ledger
+from handlers.ray.intake import RawRequest
+from handlers.ray.logs import use_serve_logging
 from handlers.ray.metrics import RayMetrics
-from handlers.ray.queue import BatchQueue, QueuedRequest
+from handlers.ray.queue import BatchQueue, QueuedRequest, max_ongoing
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class RawRequest:
-    """What the ingress read from an HTTP request: the body, or the form's parts, and the headers that matter."""
-
-    content_type: str
-    accept: str | None
-    request_id: str
-    body: bytes = b""
-    form: dict | None = None
-
-    def fields(self):
-        """The request's fields, read lazily by the service."""
-        if self.form is not None:
-            return lambda: fields_from_form(self.form)
-        return lambda: fields_from_body(self.body, self.content_type)
+# The first thing a replica answers once a request's batch starts: from then on the request may have run, so
+# the ingress does not send it to another replica should this one stop.
+GENERATING = "generating"
 
 
-def log_to_worker_output() -> None:
-    """Our modules log at INFO (loading, warm-up, each batch's size, retries), as a TorchServe worker's
-    model_log has it; Ray keeps a replica's output with its worker's logs."""
-    handlers_log = logging.getLogger("handlers")
-    handlers_log.setLevel(logging.INFO)
-    handlers_log.addHandler(logging.StreamHandler())
-
-
-@serve.deployment(
-    max_ongoing_requests=16,
-    # Replicas follow the queue: each is asked to hold about one batch in flight.
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
-)
+@serve.deployment
 class DiffusionDeployment:
     """One replica: the core's DiffusionService, fed by its batch queue."""
 
-    def __init__(self, source: str, model_name: str):
+    def __init__(self, source: str, model_name: str, unpack_root: str | None = None):
         # Here, not at the top: the ingress imports this module too, and needs neither torch nor diffusers.
         from handlers.core.service import DiffusionService
 
-        log_to_worker_output()
-        model = open_source(source)
+        use_serve_logging()
+        model = open_source(source, unpack_root)
         # Every torch call of this replica runs on one thread. torch's OpenMP keeps a team of threads per
         # calling thread; once two teams outnumber the CPUs, libgomp stops spinning for work, and small
         # models run about 3x slower (measured with digits on 2 CPUs).
@@ -66,23 +46,57 @@ class DiffusionDeployment:
             DiffusionService, model.model_dir, model.handler_config, model_name=model_name
         ).result()
         self.batches = BatchQueue(self.generate_batch, model.batch_size, model.batch_delay_s)
+        self.max_ongoing = max_ongoing(model.batch_size)  # app.py's setting for this deployment
+        # The longest a batch may take: batch size x the time a request of max_work may take.
+        self.batch_bound_s = model.batch_size * model.handler_config.request_timeout_s
+        self.generating_since: float | None = None
         self.metrics = RayMetrics()
 
+    def reconfigure(self, user_config: dict) -> None:
+        """user_config: {"batch_size": N, "batch_delay_ms": M}, from the Serve config; new batches use them."""
+        batch_size = int(user_config.get("batch_size", self.batches.batch_size))
+        self.batches.reconfigure(batch_size, int(user_config.get("batch_delay_ms", 1)) / 1000)
+        self.batch_bound_s = batch_size * self.service.limits.request_timeout_s
+        if batch_size > self.max_ongoing:
+            logger.warning("batch_size %d is over max_ongoing_requests %d (set from the archive's batchSize): batches "
+                           "can never fill; deploy the archive again with its batchSize", batch_size, self.max_ongoing)
+
+    def check_health(self) -> None:
+        """Raises, and Ray replaces the replica, when a batch has run past any batch's bound or the CUDA
+        context no longer answers."""
+        if self.generating_since is not None and time.monotonic() - self.generating_since > self.batch_bound_s:
+            raise RuntimeError(f"a batch has run {time.monotonic() - self.generating_since:.0f} s, past its "
+                               f"{self.batch_bound_s} s bound: the pipeline is stuck")
+        if self.service.device.type == "cuda":
+            import torch
+
+            torch.cuda.mem_get_info(self.service.device)  # raises on a broken CUDA context
+
     async def answer(self, raw: RawRequest):
-        """The answer to one request; a streaming request's first answer has no body, and its progress lines
-        and its final answer's body follow it."""
-        request = self.service.read(raw.fields(), raw.accept, raw.request_id)
+        """The answer to one request, GENERATING first once its batch starts; a streaming request's first
+        answer has no body, and its progress lines and its final answer's body follow it."""
+        # Reading decodes images: off the event loop, which keeps taking requests.
+        request = await asyncio.to_thread(self.service.read, raw.fields(), raw.accept, raw.request_id)
         if isinstance(request, RequestError):
             yield self._recorded(Answer.refusal(request, self.service.model_name))
             return
-        if not request.stream:
-            result = await self.batches.result(QueuedRequest(request))
-            # Encoding is CPU work: off the event loop, which keeps taking requests.
-            yield self._recorded(await asyncio.to_thread(self.service.answer, request, result, raw.request_id))
-            return
-        queued = QueuedRequest(request, asyncio.Queue())
-        yield Answer(200, NDJSON, None)
+        queued = QueuedRequest(request, raw.request_id, asyncio.Queue() if request.stream else None)
         generation = asyncio.ensure_future(self.batches.result(queued))
+        started = asyncio.ensure_future(queued.started.wait())
+        try:  # a client that goes away cancels this generator: its request is then not generated
+            await asyncio.wait({generation, started}, return_when=asyncio.FIRST_COMPLETED)
+            yield GENERATING
+            if request.stream:
+                yield Answer(200, NDJSON, None)
+                async for line in self._progress(queued, generation):
+                    yield line
+            answer = self._recorded(await asyncio.to_thread(self.service.answer, request, await generation, raw.request_id))
+            yield answer if not request.stream else answer.body if answer.status == 200 else answer.body + "\n"
+        finally:
+            started.cancel()
+            generation.cancel()
+
+    async def _progress(self, queued: QueuedRequest, generation: asyncio.Future):
         while not (generation.done() and queued.progress.empty()):
             getter = asyncio.ensure_future(queued.progress.get())
             await asyncio.wait({getter, generation}, return_when=asyncio.FIRST_COMPLETED)
@@ -90,8 +104,6 @@ class DiffusionDeployment:
                 yield getter.result()
             else:
                 getter.cancel()
-        answer = self._recorded(await asyncio.to_thread(self.service.answer, request, generation.result(), raw.request_id))
-        yield answer.body if answer.status == 200 else answer.body + "\n"
 
     async def generate_batch(self, batch: list[QueuedRequest]):
         """Compatible requests share pipeline calls; each keeps its own result (the core's isolation)."""
@@ -107,7 +119,15 @@ class DiffusionDeployment:
         generate = functools.partial(
             self.service.generate, [queued.request for queued in batch], on_step if streaming else None
         )
-        return await loop.run_in_executor(self.torch_thread, generate)
+        request_ids = [queued.request_id for queued in batch]
+        # Before any work: the ingress resends, after this replica dies, only what this store does not hold.
+        await asyncio.to_thread(ledger.mark_started, request_ids)
+        self.generating_since = time.monotonic()
+        try:
+            return await loop.run_in_executor(self.torch_thread, generate)
+        finally:
+            self.generating_since = None
+            await asyncio.to_thread(ledger.forget, request_ids)
 
     def _recorded(self, answer: Answer) -> Answer:
         self.metrics.record(answer.metrics)

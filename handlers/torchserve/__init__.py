@@ -1,2 +1,2 @@
 """TorchServe's adapter over the core: the BaseHandler every .mar runs (handler.py), TorchServe's rows
-and KServe service envelopes (envelopes.py), and its metric cache (metrics.py)."""
+(rows.py), KServe's v1 and v2 bodies (kserve.py), and its metric cache (metrics.py)."""

@@ -1,5 +1,6 @@
-"""TorchServe's adapter: a BaseHandler over the core's DiffusionService. It reads TorchServe's rows and
-envelopes, and writes the service's answers, progress lines and metrics back through TorchServe's context."""
+"""TorchServe's adapter: a BaseHandler over the core's DiffusionService. It reads TorchServe's rows (plain
+requests, or KServe v1/v2 bodies when kserve_protocol says so), and writes the service's answers, progress
+lines and metrics back through TorchServe's context."""
 
 import json
 import logging
@@ -10,14 +11,23 @@ from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
 
 from handlers.core.answers import Answer, progress_line
-from handlers.core.bodies import merge_v2_inputs
 from handlers.core.config import load_handler_config
-from handlers.core.errors import PayloadTooLarge, RequestError
+from handlers.core.errors import InternalError, PayloadTooLarge, RequestError
 from handlers.core.formats import JSON, NDJSON
-from handlers.core.schema import GenerationRequest
 from handlers.core.service import DiffusionService
-from handlers.torchserve.envelopes import envelope_size_bound, enveloped_answer, is_v2_inputs, read_row
+from handlers.torchserve.kserve import (
+    KServeRow,
+    read_v1,
+    read_v2,
+    request_size_bound,
+    v1_answer,
+    v1_size_bound,
+    v2_answer,
+    v2_size_bound,
+    value_of,
+)
 from handlers.torchserve.metrics import TorchServeMetrics
+from handlers.torchserve.rows import body_type, read_row, text_header
 
 logger = logging.getLogger(__name__)
 
@@ -27,71 +37,82 @@ class DiffusersHandler(BaseHandler):
 
     def initialize(self, context):
         self.config = load_handler_config(context.model_yaml_config)
-        self.limits = self.config.limits
-        # The envelope JSON-encodes whatever the handler returns: answers must be JSON values, not bytes.
-        self.enveloped = self.config.service_envelope != "none"
-        self.size_bound = envelope_size_bound(self.config.service_envelope)
+        self.limits, self.protocol = self.config.limits, self.config.kserve_protocol
+        check_batch_timeout(context.model_yaml_config or {}, context.system_properties.get("batch_size", 1),
+                            self.limits.request_timeout_s)
         properties = context.system_properties
-        self.service = DiffusionService(
-            Path(properties["model_dir"]), self.config, properties.get("gpu_id"), self.size_bound, context.model_name
-        )
+        self.service = DiffusionService(Path(properties["model_dir"]), self.config, properties.get("gpu_id"),
+                                        request_size_bound(self.protocol), context.model_name)
+        self.model_version = (context.manifest or {}).get("model", {}).get("modelVersion", "")
         self.metrics = TorchServeMetrics(context.metrics)
         self.initialized = True
+
+    def handle(self, data, context):
+        self.batch = data  # _is_describe reads it
+        return super().handle(data, context)
+
+    def _is_describe(self):
+        """Only TorchServe's own describe job, one row without parameters: a client's `describe` header on a
+        prediction would otherwise turn its whole batch into one description."""
+        return super()._is_describe() and len(self.batch) == 1 and not self.batch[0]
+
+    def _is_explain(self):
+        """Nothing here explains: a client's `explain` header is its own request's 400 (preprocess)."""
+        return False
 
     def describe_handle(self):
         """What `GET /models/{name}?customized=true` shows as customizedMetadata: this model's request schema."""
         return json.dumps(self.service.describe())
 
     def preprocess(self, data):
-        if self.enveloped and not data:
-            return [
-                RequestError(
-                    'the KServe envelope found nothing to generate: send {"instances": [...]} (v1) '
-                    'or {"inputs": [...]} (v2), whichever service_envelope the server runs',
-                    field="body",
-                )
-            ]
-        if self.config.service_envelope == "kservev2" and is_v2_inputs(data):
-            data = [merge_v2_inputs(data)]  # the kservev2 envelope splits one request into its inputs
-        if self.enveloped and len(data) > self.limits.max_images_per_request:
-            return [self._too_many_instances(f"{len(data)} instances")]
-        requests = [self._parse(index, row) for index, row in enumerate(data)]
-        if self.enveloped:
-            return self._within_envelope_totals(requests)
+        """Each row's requests (one, or a KServe v1 body's instances), flat; self.rows keeps which are whose."""
+        self.rows, requests = [], []
+        for index, row in enumerate(data):
+            kserve_row, row_requests = self._read(index, row)
+            self.rows.append((kserve_row, range(len(requests), len(requests) + len(row_requests))))
+            requests += row_requests
         return requests
 
-    def _within_envelope_totals(self, requests: list) -> list:
-        """The instances of one KServe request share one answer: the caps hold for all of them together."""
+    def _read(self, index: int, row) -> tuple[KServeRow | None, list]:
+        headers, request_id = self.context.get_all_request_header(index), self._request_id(index)
+        if text_header(headers, "explain") == "True":
+            return None, [RequestError("this model has no explanations; ask /predictions", field="explain")]
+        if self.protocol == "none":
+            read = lambda: read_row(row, body_type(headers))  # noqa: E731
+            return None, [self.service.read(read, text_header(headers, "Accept"), request_id)]
+        try:
+            body = row.get("body") if isinstance(row, dict) else None
+            if self.protocol == "v1":
+                kserve_row = read_v1(body, body_type(headers), self.limits.max_images_per_request)
+            else:
+                kserve_row = read_v2(body, body_type(headers), request_id)
+        except RequestError as error:
+            return KServeRow(error=error), [error]
+        except Exception:  # noqa: BLE001 - whatever a client's body raises stays with this request
+            logger.exception("reading request %s failed", request_id)
+            error = InternalError("the server failed to read this request; the worker log has the details")
+            return KServeRow(error=error), [error]
+        requests = [self.service.read(reader, None, request_id) for reader in kserve_row.readers]
+        return kserve_row, self._within_row_totals(kserve_row, requests)
+
+    def _within_row_totals(self, row: KServeRow, requests: list) -> list:
+        """A KServe request's generations share one answer: streaming is not available, and the caps hold for
+        all of them together, its echoed id and name counted in the answer's size."""
+        requests = [RequestError("stream is not available through KServe's protocols", field="stream")
+                    if getattr(request, "stream", False) else request for request in requests]
         valid = [request for request in requests if not isinstance(request, RequestError)]
-        images = sum(request.image_count for request in valid)
-        if images > self.limits.max_images_per_request:
-            return [self._too_many_instances(f"{images} images")]
-        answer_bytes = sum(self.size_bound(request) for request in valid)
-        if answer_bytes > self.limits.max_response_bytes:
-            return [
-                PayloadTooLarge(
-                    f"the instances' answers could take {answer_bytes} bytes together, over the server's limit of "
-                    f"{self.limits.max_response_bytes}: send fewer instances, or ask for png, jpeg or webp",
-                    field="instances",
-                    allowed={"max_response_bytes": self.limits.max_response_bytes},
-                )
-            ]
+        images, work = sum(request.image_count for request in valid), sum(request.work(self.service.own_sampler_order) for request in valid)
+        size = (v1_size_bound(valid) if self.protocol == "v1" else
+                sum(v2_size_bound(row, request, self.service.model_name, self.model_version) for request in valid))
+        for asked, limit, name in ((images, self.limits.max_images_per_request, "max_images_per_request"),
+                                   (work, self.limits.max_work, "max_work"),
+                                   (size, self.limits.max_response_bytes, "max_response_bytes")):
+            if asked > limit:
+                error = PayloadTooLarge(f"the request's instances ask for {asked} together against its {name} of "
+                                        f"{limit}: send fewer or smaller ones", field="instances", allowed={name: limit})
+                row.error = error
+                return [error]
         return requests
-
-    def _too_many_instances(self, asked: str) -> PayloadTooLarge:
-        return PayloadTooLarge(
-            f"the envelope asks for {asked}; one HTTP request may ask for at most "
-            f"{self.limits.max_images_per_request} images in all",
-            field="instances",
-            allowed={"max_images_per_request": self.limits.max_images_per_request},
-        )
-
-    def _parse(self, index: int, row) -> GenerationRequest | RequestError:
-        body_type = (self._header(index, "body") or {}).get("content-type")
-        request = self.service.read(lambda: read_row(row, body_type), self._header(index, "Accept"), self._request_id(index))
-        if self.enveloped and not isinstance(request, RequestError) and request.stream:
-            return RequestError("stream is not available through a KServe envelope", field="stream")
-        return request
 
     def inference(self, data, *args, **kwargs):
         streaming = {id(request): index for index, request in enumerate(data) if getattr(request, "stream", False)}
@@ -99,21 +120,30 @@ class DiffusersHandler(BaseHandler):
 
     def postprocess(self, data):
         requests, results = data
-        encode = enveloped_answer if self.enveloped else None
-        answers = [
-            self.service.answer(request, result, self._request_id(index), encode)
-            for index, (request, result) in enumerate(zip(requests, results))
-        ]
-        self._record_metrics(answers)
-        if self.enveloped:
-            return self._enveloped_responses(answers)
-        for index, answer in enumerate(answers):
-            if answer.status != 200:
-                self.context.set_response_status(answer.status, HTTPStatus(answer.status).phrase, index)
-            self.context.set_response_content_type(index, answer.content_type)
-            for name, value in answer.headers.items():
-                self.context.set_response_header(index, name, value)
-        return [answer.body for answer in answers]
+        encode = value_of if self.protocol != "none" else None
+        request_ids = [self._request_id(index) for index, (_, indices) in enumerate(self.rows) for _ in indices]
+        answers = [self.service.answer(request, result, request_id, encode)
+                   for request, result, request_id in zip(requests, results, request_ids)]
+        self._record_metrics(answers, request_ids)
+        return [self._respond(index, kserve_row, [answers[flat] for flat in indices])
+                for index, (kserve_row, indices) in enumerate(self.rows)]
+
+    def _respond(self, index: int, kserve_row: KServeRow | None, answers: list[Answer]):
+        """One row's status, Content-Type, headers and body."""
+        if self.protocol == "none" or kserve_row is None:
+            [answer] = answers
+            status, body, content_type, headers = answer.status, answer.body, answer.content_type, answer.headers
+        elif self.protocol == "v1":
+            (status, body), content_type, headers = v1_answer(answers), JSON, {}
+        else:
+            (status, body), content_type, headers = v2_answer(kserve_row, answers[0], self.service.model_name,
+                                                              self.model_version), JSON, answers[0].headers
+        if status != 200:
+            self.context.set_response_status(status, HTTPStatus(status).phrase, index)
+        self.context.set_response_content_type(index, content_type)
+        for name, value in headers.items():
+            self.context.set_response_header(index, name, value)
+        return body
 
     def _stream_progress(self, streaming: dict[int, int]):
         """Send each streaming request of a group one JSON line per step, as a TorchServe intermediate response."""
@@ -138,9 +168,8 @@ class DiffusersHandler(BaseHandler):
 
         return on_step
 
-    def _record_metrics(self, answers: list[Answer]) -> None:
-        for index, answer in enumerate(answers):
-            request_id = self._request_id(index)
+    def _record_metrics(self, answers: list[Answer], request_ids: list[str]) -> None:
+        for answer, request_id in zip(answers, request_ids):
             try:
                 self.metrics.record(answer.metrics, request_id)
             except Exception:  # noqa: BLE001 - a metric is never worth an answer
@@ -149,16 +178,21 @@ class DiffusersHandler(BaseHandler):
     def _request_id(self, index: int) -> str:
         return (getattr(self.context, "request_ids", None) or {}).get(index, f"#{index}")
 
-    def _enveloped_responses(self, answers: list[Answer]) -> list:
-        """Inside a KServe envelope all instances share one HTTP response, so errors travel as values."""
-        errors = [answer for answer in answers if answer.status != 200]
-        if errors and len(errors) == len(answers):
-            self.context.set_response_status(errors[0].status, HTTPStatus(errors[0].status).phrase, 0)
-        return [answer.error if answer.status != 200 else answer.body for answer in answers]
 
-    def _header(self, index: int, name: str):
-        """A request header by case-insensitive name; none inside an envelope, where rows are not requests."""
-        if self.enveloped:
-            return None
-        headers = self.context.get_all_request_header(index)
-        return next((value for key, value in headers.items() if key.lower() == name.lower()), None)
+# TorchServe's responseTimeout when model-config.yaml sets none.
+DEFAULT_RESPONSE_TIMEOUT_S = 120
+
+
+def check_batch_timeout(model_yaml_config: dict, batch_size: int, request_timeout_s: int) -> None:
+    """TorchServe gives a whole batch responseTimeout, then kills the worker and fails every request of it:
+    it must cover batch_size (the frontend's, which the worker is told) requests, each of up to max_work,
+    which takes up to request_timeout_s."""
+    batch_size = int(batch_size or 1)
+    timeout = int(model_yaml_config.get("responseTimeout", DEFAULT_RESPONSE_TIMEOUT_S))
+    if timeout < batch_size * request_timeout_s:
+        raise ValueError(
+            f"model-config.yaml's responseTimeout ({timeout} s) is less than batchSize ({batch_size}) x the handler's "
+            f"request_timeout_s ({request_timeout_s} s): a batch of legal requests could outlive it, and TorchServe "
+            "would kill the worker. Raise responseTimeout (the archiver writes batchSize x --request-timeout), or "
+            "lower request_timeout_s together with max_work"
+        )

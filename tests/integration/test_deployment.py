@@ -3,6 +3,7 @@ copy what exists, and the files agree with each other and with their base images
 built here: this machine has no registry to pull the bases from.)"""
 
 import json
+from pathlib import Path
 import re
 import sys
 
@@ -11,6 +12,7 @@ import requests
 import yaml
 
 from archiver.build import ServingConfig
+from handlers.core.limits import Limits
 from devtools import REPO_ROOT
 from devtools.harness.torchserve import TorchServe
 from tests.integration.conftest import TINY, read_properties
@@ -79,7 +81,9 @@ def test_kserve_manifests_use_torchserve_with_their_protocol(protocol):
     assert model["storageUri"] and model["image"]
     snapshot = json.loads(read_properties(REPO_ROOT / "kserve" / "config.properties")["model_snapshot"])
     assert list(snapshot["models"]) == ["stable_diffusion"]
-    assert snapshot["models"]["stable_diffusion"]["1.0"]["batchSize"] == 1
+    version = snapshot["models"]["stable_diffusion"]["1.0"]
+    # Every row of a batch may take the archive's request_timeout_s: the batch's reply must be awaited as long.
+    assert version["responseTimeout"] >= version["batchSize"] * Limits().request_timeout_s
 
 
 # python3 of each base image's distribution: Debian 12 ships 3.11, Ubuntu 24.04 3.12.
@@ -159,18 +163,16 @@ def test_the_kserve_probe_readme_gives_calls_the_port_its_config_binds():
     assert ("HEALTHCHECK", "NONE") in kserve_steps and ("CMD", "[]") in kserve_steps
 
 
-@pytest.mark.parametrize("protocol, config, envelope", [("v1", "config-v1.properties", "kserve"),
-                                                         ("v2", "config.properties", "kservev2")])
-def test_each_kserve_manifest_has_a_shipped_config_with_its_envelope(protocol, config, envelope):
+@pytest.mark.parametrize("protocol", ["v1", "v2"])
+def test_each_kserve_manifest_runs_the_shipped_config_and_an_archive_of_its_protocol(protocol):
+    """One config for both protocols, with no service_envelope: the archive says which protocol the handler
+    reads and answers (kserve/README.md builds it with --set kserve_protocol=...)."""
     manifest_text = (REPO_ROOT / "kserve" / f"inferenceservice-{protocol}.yaml").read_text()
-    assert f"a copy of kserve/{config}" in manifest_text
+    assert "a copy of kserve/config.properties" in manifest_text
     assert yaml.safe_load(manifest_text)["spec"]["predictor"]["model"]["protocolVersion"] == protocol
-    assert read_properties(REPO_ROOT / "kserve" / config)["service_envelope"] == envelope
-    # The two configs are one file but for the envelope: nothing else may drift between them.
-    v1, v2 = (read_properties(REPO_ROOT / "kserve" / name) for name in ("config-v1.properties", "config.properties"))
-    assert {key: value for key, value in v1.items() if key != "service_envelope"} == {
-        key: value for key, value in v2.items() if key != "service_envelope"
-    }
+    assert "service_envelope" not in read_properties(REPO_ROOT / "kserve" / "config.properties")
+    readme = (REPO_ROOT / "kserve" / "README.md").read_text()
+    assert "--set kserve_protocol=v2" in readme and "(or `v1`, for the v1 manifest's `storageUri`)" in readme
 
 
 @pytest.mark.parametrize("protocol", ["v1", "v2"])
@@ -252,3 +254,59 @@ def test_the_rayservice_runs_the_ray_we_test_in_the_image_built_with_the_ray_ext
     gpus = serve_config["applications"][0]["deployments"][0]["ray_actor_options"]["num_gpus"]
     workers = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert all(gpus <= group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] for group in workers)
+
+
+def test_the_rayservice_keeps_rays_token_authentication_on():
+    manifest, _ = rayservice()
+    assert manifest["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
+
+
+def test_the_networkpolicy_admits_only_ray_pods_the_operator_and_the_gateway_to_their_ports():
+    manifest, serve_config = rayservice()
+    policy = yaml.safe_load((REPO_ROOT / "kuberay" / "networkpolicy.yaml").read_text())
+    cluster = manifest["spec"]["rayClusterConfig"]
+    pod_templates = [cluster["headGroupSpec"]["template"]] + [group["template"] for group in cluster["workerGroupSpecs"]]
+    selected = policy["spec"]["podSelector"]["matchLabels"]
+    for template in pod_templates:  # a pod the policy does not select would be open to anyone
+        assert selected.items() <= template["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    rules = policy["spec"]["ingress"]
+    ray_pods, operator, gateway = rules
+    assert ray_pods == {"from": [{"podSelector": {"matchLabels": selected}}]}  # every port, Ray pods only
+    assert [port["port"] for port in operator["ports"]] == [8265]
+    assert "kuberay-operator" in str(operator["from"])
+    assert [port["port"] for port in gateway["ports"]] == [serve_config["http_options"]["port"]]
+    assert all("ports" in rule for rule in (operator, gateway))  # only the Ray pods reach the GCS (6379)
+
+
+def test_the_local_serve_config_deploys_what_the_rayservice_does():
+    _, cluster_config = rayservice()
+    local_config = yaml.safe_load((REPO_ROOT / "scripts" / "ray-serve.yaml").read_text())
+    assert local_config["http_options"]["host"] == "127.0.0.1"  # loopback on a workstation
+    assert local_config["http_options"]["request_timeout_s"] == cluster_config["http_options"]["request_timeout_s"]
+    [local_app], [cluster_app] = local_config["applications"], cluster_config["applications"]
+    for key in ("name", "route_prefix", "import_path"):
+        assert local_app[key] == cluster_app[key], key
+    assert local_app["args"]["model_name"] == cluster_app["args"]["model_name"]
+    assert Path(local_app["args"]["source"]).name == Path(cluster_app["args"]["source"]).name
+
+
+def test_no_request_outlives_the_proxys_timeout_on_either_config():
+    _, cluster_config = rayservice()
+    local_config = yaml.safe_load((REPO_ROOT / "scripts" / "ray-serve.yaml").read_text())
+    for config in (cluster_config, local_config):  # generation's own bound, then the proxy's, never none
+        assert config["http_options"]["request_timeout_s"] > Limits().request_timeout_s
+
+
+def test_every_ray_node_caps_bodies_in_serves_proxy_as_the_local_script_does():
+    from ray.serve._private.http_util import validate_http_proxy_callback_return
+
+    from devtools.harness.ray_cluster import PROXY_MIDDLEWARES
+
+    manifest, _ = rayservice()
+    for container in ray_containers(manifest):  # Serve may run a proxy on every node
+        env = {entry["name"]: entry["value"] for entry in container.get("env", [])}
+        assert env.get("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH") == PROXY_MIDDLEWARES, container["name"]
+    assert f"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH={PROXY_MIDDLEWARES}" in (REPO_ROOT / "scripts" / "serve_ray.sh").read_text()
+    module, name = PROXY_MIDDLEWARES.split(":")
+    assert validate_http_proxy_callback_return(getattr(__import__(module, fromlist=[name]), name)())  # as Serve checks it

@@ -1,9 +1,12 @@
-"""Fuzzing a real TorchServe batch: malformed images and odd prompts fail alone, never their batch-mates.
+"""Fuzzing a real TorchServe batch: malformed images and odd prompts fail alone, never their batch-mates,
+and costly bodies are refused fast, at a bounded cost in the worker's memory.
 
-The corpus is made here: a small image saved in every format Pillow can write, each also truncated,
-bit-flipped and with a corrupted header, plus hand-made headers of formats Pillow only reads, plus
-prompts that trip tokenizers and encoders. Each case rides in a batch of 4 beside good requests,
-which must come back 200 with the bytes of their solo run. Bounded: about 150 cases, 2-step images.
+The malformed corpus is made here: a small image saved in every format Pillow can write, each also
+truncated, bit-flipped and with a corrupted header, plus hand-made headers of formats Pillow only reads,
+plus prompts that trip tokenizers and encoders. The costly corpus (tests/costly_inputs.py) holds bodies
+within the size limit that cost seconds or gigabytes to refuse without a guard in front of the decoder,
+the parser or the validator. Each case rides in a batch of 4 beside good requests, which must come back
+200 with the bytes of their solo run. Bounded: about 160 cases, 2-step images.
 """
 
 import base64
@@ -12,13 +15,16 @@ import json
 import random
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import requests
 from PIL import Image
 
-from devtools.harness.torchserve import TorchServe
+from devtools.harness.torchserve import TorchServe, worker_hwm
+from tests.costly_inputs import costly_bodies
 from tests.integration.conftest import build_archive
 
 MODEL = "fuzz_sd"
@@ -162,3 +168,76 @@ def test_malformed_inputs_fail_alone_and_their_batch_mates_get_their_solo_bytes(
     rounds = -(-len(cases) // CASES_PER_BATCH)
     print(f"{full_batches} of {rounds} rounds ran as one batch of {BATCH}")
     assert full_batches >= rounds // 2
+
+
+# What "at once" means for a refusal that shares its batch with good 2-step generations on a 2-core CPU:
+# unguarded, the same bodies took 5 to 17 s each (and a progressive JPEG at the size limit, minutes).
+REFUSAL_SECONDS = 2.0
+# The worker's peak memory may grow this much over the whole costly corpus: TorchServe itself parses a
+# JSON body before the handler sees it (a million empty lists are about 60 MB of Python objects).
+MEMORY_GAIN_BYTES = 256 * 2**20
+
+
+def test_costly_bodies_are_refused_at_once_and_their_batch_mates_get_their_solo_bytes(server):
+    [worker] = server.describe(MODEL)["workers"]
+    solo = [post(server, body).content for body in GOOD[:BATCH - 1]]
+    peak_before = worker_hwm(worker["pid"])
+    outcomes, mismatched = {}, []
+
+    def send(slot: int, name: str, body: bytes, barrier: threading.Barrier) -> None:
+        barrier.wait()
+        if slot == 0:
+            started = time.monotonic()
+            response = server.predict(MODEL, data=body, headers={"Content-Type": "application/json"}, timeout=120)
+            outcomes[name] = (response.status_code, response.json().get("field"), time.monotonic() - started)
+        else:
+            response = post(server, GOOD[slot - 1])
+            if response.status_code != 200 or response.content != solo[slot - 1]:
+                mismatched.append((name, response.status_code, response.content[:200]))
+
+    with ThreadPoolExecutor(BATCH) as pool:
+        for name, (body, _, _) in costly_bodies().items():
+            barrier = threading.Barrier(BATCH)
+            list(pool.map(lambda slot: send(slot, name, body, barrier), range(BATCH)))
+
+    for name, (status, field, seconds) in outcomes.items():
+        print(f"{name}: {status} ({field}) in {seconds:.2f} s")
+    assert mismatched == []
+    for name, (body, field, status) in costly_bodies().items():
+        assert outcomes[name][:2] == (status, field), name
+        assert outcomes[name][2] < REFUSAL_SECONDS, name
+    [after] = server.describe(MODEL)["workers"]
+    gain = worker_hwm(worker["pid"]) - peak_before
+    print(f"the worker's peak memory grew {gain / 2**20:.0f} MiB over the costly corpus")
+    assert after["pid"] == worker["pid"] and gain < MEMORY_GAIN_BYTES
+
+
+@pytest.mark.parametrize("headers", [
+    {"describe": "True"},  # still a prediction, not a description of the model
+    {"explain": "True"},  # the frontend sets its own for /predictions
+    {"body": "text/plain"},  # overwrites TorchServe's own entry for the body parameter
+    {"data": "a dog"},
+], ids=["describe", "explain", "body", "data"])
+def test_headers_named_like_torchserves_own_entries_change_no_answer(server, headers):
+    [worker] = server.describe(MODEL)["workers"]
+    solo = [post(server, body).content for body in GOOD]
+    barrier = threading.Barrier(BATCH)
+
+    def send(slot: int):
+        barrier.wait()
+        extra = headers if slot == 0 else {}
+        body = json.dumps(GOOD[slot]).encode()
+        return server.predict(MODEL, data=body, headers={"Content-Type": "application/json", **extra}, timeout=120)
+
+    with ThreadPoolExecutor(BATCH) as pool:
+        answers = list(pool.map(send, range(BATCH)))
+    assert [(answer.status_code, answer.content) for answer in answers] == [(200, content) for content in solo]
+    [after] = server.describe(MODEL)["workers"]
+    assert after["pid"] == worker["pid"]
+
+
+def test_the_explanations_api_is_a_400_that_points_to_predictions(server):
+    response = requests.post(f"{server.inference_url}/explanations/{MODEL}", data="a red square",
+                             headers={"Content-Type": "text/plain", **server.auth("inference")}, timeout=120)
+    assert response.status_code == 400 and response.json()["field"] == "explain"
+    assert "/predictions" in response.json()["error"]

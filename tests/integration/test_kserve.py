@@ -1,6 +1,6 @@
-"""KServe v1/v2 envelopes against TorchServe started from kserve/config.properties, which the KServe
-wrapper (pytorch/torchserve-kfs) fronts in an InferenceService: the wrapper forwards each KServe
-request body to /predictions/<model>, as these tests do."""
+"""KServe's v1 and v2 protocols, read and answered by the handler, against TorchServe started from
+kserve/config.properties, which the KServe wrapper fronts in an InferenceService: the wrapper forwards each
+KServe request body to /predictions/<model>, as these tests do."""
 
 import base64
 import io
@@ -14,47 +14,44 @@ import requests
 from PIL import Image
 
 from devtools import REPO_ROOT
-from devtools.harness.torchserve import TorchServe
+from devtools.harness.torchserve import TorchServe, worker_hwm
 from tests.integration.conftest import build_archive, read_properties
 
 KSERVE_CONFIG = REPO_ROOT / "kserve" / "config.properties"
 MODEL = "stable_diffusion"  # the name kserve/config.properties' model_snapshot registers
 
 
-def kserve_store(tmp_path_factory, envelope: str):
-    """An archive built, as kserve/README.md says, with the handler told the envelope it runs in."""
-    store = tmp_path_factory.mktemp(f"kserve-{envelope}") / "model-store"
+def kserve_store(tmp_path_factory, protocol: str):
+    """An archive built, as kserve/README.md says, with the protocol the handler reads and answers."""
+    store = tmp_path_factory.mktemp(f"kserve-{protocol}") / "model-store"
     store.mkdir()
-    # Batch size 4 in the archive: the snapshot's batchSize 1 must win, since TorchServe's envelopes
-    # answer one request per batch.
     build_archive(
         store, MODEL, "--source", "tiny", "--height", "64", "--width", "64", "--num-inference-steps", "2",
         "--batch-size", "4", "--max-batch-delay", "200", "--server-config", str(KSERVE_CONFIG),
-        "--set", f"service_envelope={envelope}",
+        "--set", f"kserve_protocol={protocol}",
     )
     return store
 
 
-def kserve_server(tmp_path_factory, envelope: str) -> TorchServe:
+def kserve_server(tmp_path_factory, protocol: str) -> TorchServe:
     return TorchServe(
-        tmp_path_factory.mktemp(f"torchserve-{envelope}"),
-        kserve_store(tmp_path_factory, envelope),
+        tmp_path_factory.mktemp(f"torchserve-{protocol}"),
+        kserve_store(tmp_path_factory, protocol),
         {MODEL: f"{MODEL}.mar"},
         token_auth=False,  # as shipped: only the wrapper, on loopback in the pod, calls TorchServe
         base_config=KSERVE_CONFIG,
-        extra_config={} if envelope == "kservev2" else {"service_envelope": envelope},
     )
 
 
 @pytest.fixture(scope="module")
 def v1(tmp_path_factory):
-    with kserve_server(tmp_path_factory, "kserve") as torchserve:
+    with kserve_server(tmp_path_factory, "v1") as torchserve:
         yield torchserve
 
 
 @pytest.fixture(scope="module")
 def v2(tmp_path_factory):
-    with kserve_server(tmp_path_factory, "kservev2") as torchserve:
+    with kserve_server(tmp_path_factory, "v2") as torchserve:
         yield torchserve
 
 
@@ -76,7 +73,7 @@ def test_the_shipped_config_keeps_the_secure_settings():
     assert (settings["enable_envvars_config"], settings["enable_model_api"], settings["install_py_dep_per_model"]) == (
         "false", "false", "false"
     )
-    assert settings["service_envelope"] == "kservev2"
+    assert "service_envelope" not in settings  # the handler reads KServe's bodies; TorchServe's envelope never does
 
 
 def test_v1_instances_each_get_their_prediction_and_a_bad_one_fails_alone(v1):
@@ -165,3 +162,42 @@ def test_what_the_config_leaves_open_in_the_pod_cannot_load_models_or_leak_reque
     assert post(v2, {"inputs": [{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": [secret]}]}).status_code == 200
     metrics = requests.get(f"{v2.metrics_url}/metrics", timeout=30)
     assert metrics.status_code == 200 and "diffusion_images_generated" in metrics.text and secret not in metrics.text
+
+
+def worker_pid(server) -> int:
+    [worker] = server.describe(MODEL)["workers"]
+    return worker["pid"]
+
+
+def test_a_v2_input_of_a_huge_empty_shape_is_refused_at_once_beside_a_good_request(v2):
+    """79 bytes that grew TorchServe's own kservev2 envelope to 24 GB (it reshapes data to the shape given)."""
+    pid, rss_before = worker_pid(v2), worker_hwm(worker_pid(v2))
+    hostile = {"inputs": [{"name": "prompt", "shape": [20000000, 0], "datatype": "INT64", "data": []}]}
+    good = {"id": "good", "inputs": [{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["a cat"]}]}
+    with ThreadPoolExecutor(2) as pool:
+        started = time.monotonic()
+        refused, answered = pool.map(lambda body: post(v2, body), [hostile, good])
+        elapsed = time.monotonic() - started
+    assert refused.status_code == 400 and answered.status_code == 200, (refused.text, answered.text[:200])
+    assert elapsed < 10 and worker_pid(v2) == pid
+    assert worker_hwm(pid) - rss_before < 100 * 2**20
+
+
+@pytest.mark.parametrize("bad_input", [
+    {"name": 5, "shape": [1], "datatype": "BYTES", "data": ["a cat"]},
+    {"name": "prompt", "shape": [1], "data": ["a cat"]},
+    {"name": "prompt", "shape": [1], "datatype": "BYTES"},
+])
+def test_a_malformed_v2_input_is_a_400_not_a_500(v2, bad_input):
+    response = post(v2, {"id": "bad", "inputs": [bad_input]})
+    assert response.status_code == 400, response.text
+    assert response.json()["outputs"][0]["data"][0]["field"] == "inputs"
+
+
+def test_v1_instances_are_capped_in_work_together(v1):
+    """16 instances at 1024x1024 and 150 steps: each within max_work alone, six times it together."""
+    instance = {"prompt": "a cat", "height": 1024, "width": 1024, "num_inference_steps": 150}
+    response = post(v1, {"instances": [instance] * 16})
+    assert response.status_code == 413
+    [error] = response.json()["predictions"]
+    assert "max_work" in error["allowed"]

@@ -25,8 +25,7 @@ result = sorted((labels[actor.node_id], actor.pid) for actor in list_actors(filt
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, model_store):
-    options = {"nodes": NODES, "replicas": 2, "cpus_per_node": 1, "deploy_options": ("--max-replicas-per-node", "1"),
-               "dashboard": True}
+    options = {"nodes": NODES, "replicas": 2, "cpus_per_node": 1, "app_args": {"max_replicas_per_node": 1}}
     with serving("ray", tmp_path_factory.mktemp("ray-nodes"), model_store, {TINY: f"{TINY}.mar"}, **options) as cluster:
         yield cluster
 
@@ -69,18 +68,21 @@ def replaced(cluster, victim: int) -> list[tuple[str, int]]:
     return replicas(cluster)
 
 
-def test_a_killed_replica_is_replaced_and_requests_keep_being_answered(cluster):
-    statuses, stop = [], threading.Event()
+def test_a_killed_replica_is_replaced_and_only_what_surely_did_not_run_is_resent(cluster):
+    """Twelve clients keep both replicas full (a batch of 4 generating, the next forming): a kill catches
+    requests generating, which are answered 503 and not sent again (they may be what stopped it), and
+    requests not yet started, which go to the other replica and are answered 200."""
+    answers, stop, sent = [], threading.Event(), iter(range(10**6))
 
     def keep_asking(client: int):
         while not stop.is_set():
-            statuses.append(cluster.predict(TINY, json={"prompt": f"digit {client}", "seed": client}).status_code)
+            response = cluster.predict(TINY, json={"prompt": f"digit {client}", "seed": next(sent)})
+            answers.append((response.status_code, response.json() if response.status_code != 200 else None))
 
     def resent() -> int:
-        return cluster.replica_log().count("died (attempt 1 of 2)")
+        return cluster.replica_log().count("stopped before it ran (attempt 1 of 2)")
 
-    # Four clients keep both replicas busy, so that a kill lands on requests in flight.
-    clients = [threading.Thread(target=keep_asking, args=(client,)) for client in range(4)]
+    clients = [threading.Thread(target=keep_asking, args=(client,)) for client in range(12)]
     for client in clients:
         client.start()
     kills = []
@@ -93,13 +95,39 @@ def test_a_killed_replica_is_replaced_and_requests_keep_being_answered(cluster):
             after = replaced(cluster, victim)
             kills.append((before, after))
             assert len(after) == 2 and victim not in {pid for _, pid in after}, (before, after)
-            # One per node: the new replica took the dead one's place.
-            assert victim_node in {label for label, _ in after}, (before, after)
+            assert victim_node in {label for label, _ in after}, (before, after)  # one per node again
         time.sleep(3)  # requests go on against the replaced replica set
     finally:
         stop.set()
         for client in clients:
             client.join(timeout=330)
-    print(f"kills (replicas before, after): {kills}; {len(statuses)} requests: {sorted(set(statuses))}; {resent()} resent")
-    assert resent() > 0, f"none of {len(kills)} kills hit a request in flight, so this run shows nothing about them"
-    assert statuses and all(status == 200 for status in statuses)  # those in flight went to the other replica
+    statuses = [status for status, _ in answers]
+    print(f"kills (replicas before, after): {kills}; {len(answers)} requests: {sorted(set(statuses))}; {resent()} resent")
+    assert resent() > 0, f"none of {len(kills)} kills caught a request waiting for its batch"
+    stopped = [error for status, error in answers if status != 200]
+    assert all(error["error"].startswith("the replica generating this request stopped") for error in stopped), stopped
+    assert len(stopped) <= 4 * len(kills)  # at most a batch per kill: those generating at the time
+    assert statuses.count(200) >= len(statuses) - len(stopped) > 0
+
+
+def test_a_request_that_stops_its_replica_costs_that_replica_only(cluster):
+    """A query of death, played by killing the replica the moment it generates a marked request: the request
+    is answered 503, not sent on to the other replica, and refused at once when sent again."""
+    body = {"prompt": "digit 5", "seed": 4711, "num_inference_steps": 150, "height": 256, "width": 256}  # seconds long
+    before = replicas(cluster)
+    batches = {pid: served_batches(cluster, pid) for _, pid in before}
+    answer = ThreadPoolExecutor(1).submit(cluster.predict, TINY, json=body)
+    deadline = time.monotonic() + 60
+    while not (generating := [pid for _, pid in before if served_batches(cluster, pid) > batches[pid]]):
+        assert time.monotonic() < deadline, "the marked request never started generating"
+        time.sleep(0.05)
+    os.kill(generating[0], signal.SIGKILL)
+    response = answer.result(timeout=300)
+    assert response.status_code == 503 and "not sent again" in response.json()["error"], response.text
+    survivor = next(pid for _, pid in before if pid != generating[0])
+    assert survivor in {pid for _, pid in replicas(cluster)}  # the other replica never saw it
+    started = time.monotonic()
+    again = cluster.predict(TINY, json=body)
+    assert again.status_code == 422 and time.monotonic() - started < 5, again.text
+    assert "not generated again" in again.json()["error"]
+    replaced(cluster, generating[0])

@@ -150,3 +150,57 @@ def test_the_handler_section_sets_the_unpack_cap(tmp_path, tiny_pipeline_dir):
     zip_directory(tiny_pipeline_dir, tmp_path / "model.zip")
     with pytest.raises(UnsafeArchive, match="the cap is 1000 "):
         serve(tmp_path, max_unpacked_bytes=1000)
+
+
+@pytest.fixture(scope="module")
+def small_mar(tmp_path_factory, tiny_pipeline_dir):
+    """A .mar by our archiver whose handler: section caps unpacking a little above what it holds."""
+    from archiver.cli import main as archiver_main
+
+    store = tmp_path_factory.mktemp("private-store")
+    assert archiver_main(["build", "--export-path", str(store), "--model-name", "m", "--source", str(tiny_pipeline_dir),
+                          "--height", "64", "--width", "64"]) == 0
+    return store / "m.mar"
+
+
+def test_an_archive_opened_by_source_is_unpacked_into_a_private_directory(tmp_path, small_mar):
+    from handlers.core.source import open_source
+
+    root = tmp_path / "unpacked"
+    opened = open_source(str(small_mar), root)
+    assert opened.model_dir.parent == root and (opened.model_dir / COMPLETE_MARKER).is_file()
+    status = os.stat(root)
+    assert (stat.S_IMODE(status.st_mode), status.st_uid) == (0o700, os.getuid())
+
+
+@pytest.mark.parametrize("plant", ["group-writable", "a link elsewhere"])
+def test_an_unpack_directory_others_could_have_written_is_refused_with_what_to_do(tmp_path, small_mar, plant):
+    """Another local user could plant a model there, with its marker saying it is complete."""
+    from handlers.core.source import open_source
+
+    root = tmp_path / "shared"
+    if plant == "group-writable":
+        root.mkdir(mode=0o775)
+        root.chmod(0o775)
+    else:
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        root.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="owned by this user .* with mode 0700"):
+        open_source(str(small_mar), root)
+
+
+def test_the_default_unpack_directory_is_per_user(small_mar):
+    from handlers.core.source import default_unpack_root
+
+    assert default_unpack_root().name.endswith(f"-{os.getuid()}")
+
+
+def test_an_archive_opened_by_source_keeps_its_own_unpack_cap(tmp_path, tiny_pipeline_dir):
+    from archiver.cli import main as archiver_main
+    from handlers.core.source import open_source
+
+    store = tmp_path / "store"
+    assert archiver_main(["build", "--export-path", str(store), "--model-name", "capped", "--source", str(tiny_pipeline_dir),
+                          "--height", "64", "--width", "64", "--set", "max_unpacked_bytes=1000"]) == 0
+    with pytest.raises(UnsafeArchive, match="the cap is 1000 "):
+        open_source(str(store / "capped.mar"), tmp_path / "unpacked")

@@ -12,6 +12,7 @@ import yaml
 
 from archiver import build as archiver_build
 from archiver.build import built_from
+from archiver.contents import UnsafePipeline
 from devtools import REPO_ROOT
 from archiver.cli import main
 from archiver.settings import read_properties
@@ -165,6 +166,45 @@ def test_a_link_inside_the_source_is_packed_as_the_file_it_names(tmp_path, tiny_
     assert not packed.is_symlink() and packed.read_bytes() == moved.read_bytes()
 
 
+def test_a_link_swapped_in_after_the_selection_is_checked_is_not_staged(tmp_path, tiny_pipeline_dir, monkeypatch):
+    """The race: files are selected (links checked), then copied. What is staged is what was opened, checked."""
+    pipeline = tmp_path / "swapped"
+    shutil.copytree(tiny_pipeline_dir, pipeline)
+    secret = tmp_path / "secret-token.txt"
+    secret.write_text("hf_secret")
+    select = archiver_build.select_pipeline_files
+
+    def select_then_swap(source, allow_pickle_weights):
+        selection = select(source, allow_pickle_weights)
+        swapped = pipeline / "tokenizer" / "tokenizer.json"
+        swapped.unlink()
+        swapped.symlink_to(secret)  # as another process could, between the check and the copy
+        return selection
+
+    monkeypatch.setattr(archiver_build, "select_pipeline_files", select_then_swap)
+    staging = tmp_path / "staging"
+    with pytest.raises(UnsafePipeline, match="outside the source"):
+        archiver_build.copy_pipeline(pipeline, staging, allow_pickle_weights=False)
+    assert not any("hf_secret" in path.read_text(errors="replace") for path in staging.rglob("*") if path.is_file())
+
+
+@pytest.mark.parametrize("option", ["--lora", "--controlnet"])
+@pytest.mark.parametrize("name", ["../x", "a/b", ".hidden", ""])
+def test_an_adapter_name_that_is_not_a_plain_name_refuses_the_build(tmp_path, capsys, option, name):
+    assert build_with_dev_models(["build", "--export-path", str(tmp_path), "--model-name", "m", "--source", "tiny",
+                                  option, f"{name}=tiny"]) == 2
+    assert "the name must be letters, digits" in capsys.readouterr().err or name == ""
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_request_timeout_sets_the_handlers_bound_and_the_batchs_response_timeout(tmp_path, tiny_pipeline_dir):
+    assert build(tmp_path, "--source", str(tiny_pipeline_dir), "--model-name", "t", "--batch-size", "4",
+                 "--request-timeout", "90") == 0
+    with zipfile.ZipFile(tmp_path / "store" / "t.mar") as archive:
+        config = yaml.safe_load(archive.read("model-config.yaml"))
+    assert config["handler"]["request_timeout_s"] == 90 and config["responseTimeout"] == 4 * 90
+
+
 @pytest.mark.parametrize("component", ["handlers", "MAR-INF", "../escape", ".hidden"])
 def test_a_component_named_like_a_path_of_ours_refuses_the_build(tmp_path, tiny_pipeline_dir, capsys, component):
     pipeline = tmp_path / "renamed"
@@ -176,13 +216,18 @@ def test_a_component_named_like_a_path_of_ours_refuses_the_build(tmp_path, tiny_
     assert f"names a component {component!r}" in capsys.readouterr().err
 
 
-def test_the_server_config_sets_the_answer_limit_and_the_envelope(tmp_path, tiny_pipeline_dir, capsys):
+def test_the_server_config_sets_the_answer_limit_and_may_not_set_an_envelope(tmp_path, tiny_pipeline_dir, capsys):
     server_config = tmp_path / "config.properties"
-    server_config.write_text("# a KServe-style config\nservice_envelope=kserve\nmax_response_size=50000000\n")
-    assert build(tmp_path, "--source", str(tiny_pipeline_dir), "--model-name", "k", "--server-config", str(server_config)) == 0
+    server_config.write_text("# a KServe-style config\nmax_response_size=50000000\n")
+    assert build(tmp_path, "--source", str(tiny_pipeline_dir), "--model-name", "k", "--server-config", str(server_config),
+                 "--set", "kserve_protocol=v1") == 0
     with zipfile.ZipFile(tmp_path / "store" / "k.mar") as archive:
         handler = yaml.safe_load(archive.read("model-config.yaml"))["handler"]
-    assert (handler["service_envelope"], handler["max_response_bytes"]) == ("kserve", 50_000_000)
+    assert (handler["kserve_protocol"], handler["max_response_bytes"]) == ("v1", 50_000_000)
+    # TorchServe's envelope would parse clients' bytes before the handler's guards: such a config is refused.
+    server_config.write_text("service_envelope=kservev2\nmax_response_size=50000000\n")
+    assert build(tmp_path, "--source", str(tiny_pipeline_dir), "--model-name", "e", "--server-config", str(server_config)) == 2
+    assert "kserve_protocol" in capsys.readouterr().err
     # TorchServe's default limit cannot carry the default 768x768 numpy answer: refused at build time.
     server_config.write_text("inference_address=http://127.0.0.1:8080\n")
     assert build(tmp_path, "--source", str(tiny_pipeline_dir), "--model-name", "small", "--server-config", str(server_config)) == 2

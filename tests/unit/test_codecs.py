@@ -7,7 +7,8 @@ from PIL import Image
 from handlers.core.answers import Generation, answer_size_bound, encode_body
 from handlers.core.formats import encode_numpy_json, numpy_json
 from handlers.core.schema import GenerationRequest
-from handlers.torchserve.envelopes import enveloped_answer, enveloped_answer_size_bound
+from handlers.core.answers import Answer
+from handlers.torchserve.kserve import KServeRow, v1_answer, v1_size_bound, v2_answer, v2_size_bound, value_of
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 3), (2, 3, 3), (7, 5, 3), (64, 48, 3), (3, 3, 1)])
@@ -43,16 +44,22 @@ def test_the_size_bound_holds_for_the_worst_case_answer(output_format, height, w
         assert bound <= 1.05 * len(body) + 2048  # tight: a bound far above the answer would refuse legal requests
 
 
-@pytest.mark.parametrize("envelope", ["kserve", "kservev2"])
-def test_the_size_bound_includes_what_the_envelope_adds(envelope):
-    request = GenerationRequest(prompt="a cat", height=64, width=64, seed=0)
-    images = [Image.new("RGB", (64, 64), (255, 255, 255))]
-    value, _ = enveloped_answer(request, Generation(images, 0.0))
-    if envelope == "kserve":
-        body = json.dumps({"predictions": [value]}, indent=2)
+@pytest.mark.parametrize("output_format", ["numpy", "png", "json"])
+@pytest.mark.parametrize("protocol", ["v1", "v2"])
+def test_the_kserve_bounds_hold_for_the_worst_case_answer_with_what_it_echoes(protocol, output_format):
+    """All-255 numpy lists and noise at quality 100, inside the answer as the handler writes it, with a long
+    v2 id and input name echoed: the bound is never below the answer."""
+    request = GenerationRequest(prompt=["a cat"] * 2, height=64, width=72, seed=0, output_format=output_format, quality=100)
+    images = [Image.new("RGB", (72, 64), (255, 255, 255)) if output_format == "numpy" else noise(64, 72)] * 2
+    value, _ = value_of(request, Generation(images, 0.0))
+    answer = Answer(200, "application/json", value)
+    if protocol == "v1":
+        _, body = v1_answer([answer, answer])
+        bound = v1_size_bound([request, request])
     else:
-        flat = np.asarray(value).flatten().tolist()
-        body = json.dumps({"id": "0" * 36, "model_name": "stable_diffusion", "model_version": "1.0",
-                           "outputs": [{"name": "prompt", "datatype": "INT64", "data": flat, "shape": [len(flat)]}]}, indent=2)
-    assert len(body) <= enveloped_answer_size_bound(request, envelope) <= 1.25 * len(body)
-    assert enveloped_answer_size_bound(request, envelope) > 2.5 * answer_size_bound(request)  # indentation: several times the compact list
+        row = KServeRow(request_id="i" * 256, input_name="n" * 256)
+        _, body = v2_answer(row, answer, "stable_diffusion", "1.0")
+        bound = v2_size_bound(row, request, "stable_diffusion", "1.0")
+    assert len(body.encode()) <= bound
+    if output_format == "numpy":  # tight where the answer's size is exact; compressed images carry header room
+        assert bound <= 1.05 * len(body.encode()) + 10_000

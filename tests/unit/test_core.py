@@ -45,12 +45,13 @@ def test_the_check_fails_for_a_module_that_needs_torchserve():
     assert "ModuleNotFoundError" in result.stderr and "'ts" in result.stderr
 
 
-def test_rays_ingress_imports_neither_torch_nor_diffusers():
-    """Ray Serve's HTTP ingress runs in processes of its own, beside every replica: it reads bodies and
-    must not cost a model's imports (about 5 s and 0.5 GB)."""
+@pytest.mark.parametrize("module", ["handlers.ray.app", "handlers.ray.proxy"])
+def test_rays_ingress_and_proxy_middleware_import_neither_torch_nor_diffusers(module):
+    """Ray Serve's HTTP ingress runs in processes of its own, beside every replica, and the body cap runs in
+    Serve's proxy on every node: neither may cost a model's imports (about 5 s and 0.5 GB)."""
     if importlib.util.find_spec("ray") is None:
         pytest.skip("the ray extra is not installed here, so there is no ingress to import")
-    code = "import sys, handlers.ray.app; print(sorted(name for name in ('torch', 'diffusers') if name in sys.modules))"
+    code = f"import sys, {module}; print(sorted(name for name in ('torch', 'diffusers') if name in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "[]"

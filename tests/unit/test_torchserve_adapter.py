@@ -12,11 +12,11 @@ import socket
 import numpy as np
 import pytest
 from PIL import Image
-from ts.torch_handler.request_envelope.kserve import KServeEnvelope
-from ts.torch_handler.request_envelope.kservev2 import KServev2Envelope
 
 from handlers.core.metrics import declared_metrics
+from handlers.core.schema import GenerationRequest
 from handlers.torchserve.handler import DiffusersHandler
+from handlers.torchserve.kserve import MAX_ECHOED, KServeRow, v2_size_bound
 from tests.conftest import SMALL
 from tests.unit.helpers import png_base64, progress_lines
 from tests.unit.torchserve_context import attach_requests, handler_on, make_context, run, run_json
@@ -59,20 +59,18 @@ def test_the_description_is_the_models_request_schema(served):
     assert "prompt" in schema["required"]
 
 
-def test_kserve_v1_envelope_answers_each_instance(tiny_pipeline_dir):
-    handler, context = handler_on(tiny_pipeline_dir, service_envelope="kserve")
-    attach_requests(context, [None])
+def test_kserve_v1_answers_each_instance(tiny_pipeline_dir):
+    handler, context = handler_on(tiny_pipeline_dir, kserve_protocol="v1")
     body = {"instances": [{"data": "a cat", "seed": 1}, "a dog", {"prompt": "x", "height": 5}]}
-    [response] = KServeEnvelope(handler.handle).handle([{"body": body}], context)
-    cat, dog, bad = response["predictions"]
+    [answer] = run_json(handler, context, body)
+    cat, dog, bad = json.loads(answer)["predictions"]
     assert np.array(cat, dtype="uint8").shape == np.array(dog, dtype="uint8").shape == (64, 64, 3)
     assert bad["field"] == "height"
-    json.dumps(response)  # TorchServe serialises it as JSON
+    assert context.get_response_status(0)[0] == 200 and context.get_response_content_type(0) == "application/json"
 
 
-def test_kserve_v2_envelope_merges_named_inputs(tiny_pipeline_dir):
-    handler, context = handler_on(tiny_pipeline_dir, service_envelope="kservev2")
-    attach_requests(context, [None])
+def test_kserve_v2_merges_named_inputs_and_echoes_the_id(tiny_pipeline_dir):
+    handler, context = handler_on(tiny_pipeline_dir, kserve_protocol="v2")
     body = {
         "id": "42",
         "inputs": [
@@ -80,22 +78,103 @@ def test_kserve_v2_envelope_merges_named_inputs(tiny_pipeline_dir):
             {"name": "output_format", "shape": [1], "datatype": "BYTES", "data": ["json"]},
         ],
     }
-    [response] = KServev2Envelope(handler.handle).handle([{"body": body}], context)
-    assert response["id"] == "42"
-    [output] = response["outputs"]
-    document = output["data"][0]
-    assert Image.open(io.BytesIO(base64.b64decode(document["images"][0]))).size == (64, 64)
-    json.dumps(response)
+    [answer] = run_json(handler, context, body)
+    document = json.loads(answer)
+    assert (document["id"], document["model_name"]) == ("42", "tiny")
+    [output] = document["outputs"]
+    assert output["name"] == "prompt" and output["datatype"] == "BYTES"
+    assert Image.open(io.BytesIO(base64.b64decode(output["data"][0]["images"][0]))).size == (64, 64)
+
+
+def test_kserve_answers_are_per_request_in_a_batch(tiny_pipeline_dir):
+    """The handler answers every KServe request of a batch, not only the first (TorchServe's envelopes did)."""
+    handler, context = handler_on(tiny_pipeline_dir, kserve_protocol="v1")
+    answers = run_json(handler, context, {"instances": ["a cat"]}, {"instances": [{"prompt": ""}]}, {"instances": ["a dog"]})
+    assert [context.get_response_status(index)[0] for index in range(3)] == [200, 400, 200]
+    assert [len(json.loads(answer)["predictions"]) for answer in answers] == [1, 1, 1]
 
 
 def test_kserve_instances_share_the_per_request_caps(tiny_pipeline_dir):
-    handler, context = handler_on(tiny_pipeline_dir, service_envelope="kserve")
-    attach_requests(context, [None])
-    body = {"instances": [{"prompt": "a cat", "num_images_per_prompt": 4}] * 5}  # 20 images over 5 instances
-    [response] = KServeEnvelope(handler.handle).handle([{"body": body}], context)
-    [error] = response["predictions"]
-    assert error["field"] == "instances" and "20 images" in error["error"]
+    handler, context = handler_on(tiny_pipeline_dir, kserve_protocol="v1")
+    [answer] = run_json(handler, context, {"instances": [{"prompt": "a cat", "num_images_per_prompt": 4}] * 5})
+    [error] = json.loads(answer)["predictions"]
+    assert error["field"] == "instances" and "ask for 20 together" in error["error"]
     assert context.get_response_status(0)[0] == 413
+
+
+def test_kserve_v1_instances_are_capped_in_work_together(tiny_pipeline_dir):
+    """Each instance within max_work, all of them together past it: refused before any work."""
+    handler, context = handler_on(tiny_pipeline_dir, kserve_protocol="v1", max_work=64 * 64 * 4 * 2 * 3)
+    [answer] = run_json(handler, context, {"instances": [{"prompt": "a cat"}] * 4})  # 4 images of 4 steps, guided
+    [error] = json.loads(answer)["predictions"]
+    assert error["allowed"] == {"max_work": 64 * 64 * 4 * 2 * 3} and context.get_response_status(0)[0] == 413
+
+
+def test_the_echoed_id_counts_in_the_answers_size(tiny_pipeline_dir):
+    request = GenerationRequest(prompt="a cat", seed=0, output_format="png", **SMALL)
+    fitting = v2_size_bound(KServeRow(request_id="short"), request, "tiny", "")
+    handler, context = handler_on(tiny_pipeline_dir, kserve_protocol="v2", output_format="png", max_response_bytes=fitting)
+    inputs = [V2_PROMPT, {"name": "seed", "shape": [1], "datatype": "INT64", "data": [0]}]  # the bound counts its digits
+    [fits] = run_json(handler, context, {"id": "short", "inputs": inputs})
+    assert context.get_response_status(0)[0] == 200, fits
+    [longer] = run_json(handler, context, {"id": "x" * 200, "inputs": inputs})  # within MAX_ECHOED, past the bound
+    assert context.get_response_status(0)[0] == 413
+    assert json.loads(longer)["outputs"][0]["data"][0]["allowed"] == {"max_response_bytes": fitting}
+    [too_long] = run_json(handler, context, {"id": "x" * (MAX_ECHOED + 1), "inputs": inputs})
+    assert context.get_response_status(0)[0] == 400 and json.loads(too_long)["outputs"][0]["data"][0]["field"] == "id"
+
+
+V2_PROMPT = {"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["a cat"]}
+
+
+@pytest.mark.parametrize("bad_input", [
+    pytest.param({"name": 5, "shape": [1], "datatype": "BYTES", "data": ["a cat"]}, id="name not text"),
+    pytest.param({"name": "seed", "shape": [1], "data": [3]}, id="no datatype"),
+    pytest.param({"name": "seed", "shape": [1], "datatype": "INT64"}, id="no data"),
+    pytest.param({"name": "seed", "shape": [20000000, 0], "datatype": "INT64", "data": []}, id="a huge empty shape"),
+])
+def test_a_malformed_kserve_v2_input_is_its_own_400_beside_a_good_request(tiny_pipeline_dir, bad_input):
+    handler, context = handler_on(tiny_pipeline_dir, kserve_protocol="v2")
+    bad, good = run_json(handler, context, {"id": "bad", "inputs": [V2_PROMPT, bad_input]}, {"id": "good", "inputs": [V2_PROMPT]})
+    assert [context.get_response_status(index)[0] for index in range(2)] == [400, 200]
+    assert json.loads(bad)["outputs"][0]["data"][0]["field"] in ("inputs", "seed")
+    assert json.loads(good)["id"] == "good"
+
+
+@pytest.mark.parametrize("collision", [
+    pytest.param({"body": "text/plain"}, id="a body header"),
+    pytest.param({"body": {"content-type": 5}}, id="a body entry of the wrong type"),
+    pytest.param({"Accept": ["image/png"]}, id="an accept header that is not text"),
+])
+def test_headers_named_like_torchserves_entries_cost_no_neighbour_its_answer(served, collision):
+    """TorchServe lets a client's headers overwrite the entries it makes per request parameter."""
+    handler, context = served
+    rows = [{"body": {"prompt": "a cat", "output_format": "png"}}, {"body": {"prompt": "a dog", "output_format": "png"}}]
+    attach_requests(context, ["application/json", "application/json"])
+    context.request_processor[0].get_request_properties().update(collision)  # after TorchServe's own entries
+    answers = handler.handle(rows, context)
+    assert context.get_response_status(1)[0] == 200 and Image.open(io.BytesIO(answers[1])).format == "PNG"
+    assert context.get_response_status(0)[0] in (200, 400)
+
+
+def test_a_describe_header_and_an_explanation_request_change_only_their_own_answer(served):
+    """TorchServe marks a row of /explanations with explain: True; a client's describe header rides along."""
+    handler, context = served
+    rows = [{"body": "a cat"}, {"body": "a dog"}, {"body": "a bird"}]
+    headers = [{"describe": "True"}, {"explain": "True"}, {}]
+    answers = run(handler, context, rows, ["text/plain"] * 3, headers)
+    assert [context.get_response_status(index)[0] for index in range(3)] == [200, 400, 200]
+    assert np.array(json.loads(answers[0]), dtype="uint8").shape == (64, 64, 3)  # an image, not the schema
+    assert json.loads(answers[1])["field"] == "explain"
+
+
+def test_a_worker_refuses_to_start_when_a_full_batch_could_outlive_response_timeout(tiny_pipeline_dir):
+    context = make_context(tiny_pipeline_dir, {**SMALL, "request_timeout_s": 100}, batch_size=4)
+    context.model_yaml_config["responseTimeout"] = 399
+    with pytest.raises(ValueError, match=r"responseTimeout \(399 s\) is less than batchSize \(4\) x"):
+        DiffusersHandler().initialize(context)
+    context.model_yaml_config["responseTimeout"] = 400
+    DiffusersHandler().initialize(context)
 
 
 class LoggingHandler(DiffusersHandler):
@@ -106,17 +185,15 @@ class LoggingHandler(DiffusersHandler):
         return super().handle(data, context)
 
 
-@pytest.mark.parametrize("envelope", ["none", "kserve"])
-def test_the_envelope_setting_holds_for_a_subclass_that_overrides_handle(tiny_pipeline_dir, envelope):
-    context = make_context(tiny_pipeline_dir, {**SMALL, "service_envelope": envelope, "output_format": "png"})
+@pytest.mark.parametrize("protocol", ["none", "v1"])
+def test_the_protocol_setting_holds_for_a_subclass_that_overrides_handle(tiny_pipeline_dir, protocol):
+    context = make_context(tiny_pipeline_dir, {**SMALL, "kserve_protocol": protocol, "output_format": "png"})
     handler = LoggingHandler()
     handler.initialize(context)
-    if envelope == "kserve":
-        attach_requests(context, [None])
-        [response] = KServeEnvelope(handler.handle).handle([{"body": {"instances": ["a cat"]}}], context)
-        [document] = response["predictions"]
+    if protocol == "v1":
+        [answer] = run_json(handler, context, {"instances": ["a cat"]})
+        [document] = json.loads(answer)["predictions"]
         assert Image.open(io.BytesIO(base64.b64decode(document["images"][0]))).format == "PNG"
-        json.dumps(response)
     else:
         [body] = run(handler, context, [{"body": "a cat"}], ["text/plain"])
         assert Image.open(io.BytesIO(body)).format == "PNG"  # raw bytes, not a JSON value
@@ -230,7 +307,7 @@ def test_a_lost_progress_line_costs_neither_the_stream_nor_its_neighbours(served
 
 def test_kserve_v2_metadata_lists_every_request_field_as_an_input():
     from handlers.core.schema import GenerationRequest
-    from handlers.torchserve.envelopes import v2_metadata
+    from handlers.torchserve.kserve import v2_metadata
 
     inputs, outputs = v2_metadata()
     by_name = {tensor["name"]: tensor for tensor in inputs}

@@ -14,7 +14,8 @@ def make_context(
     model_dir: Path, handler_section: dict | None = None, batch_size: int = 1, gpu_id: int | None = None
 ) -> Context:
     """The Context TorchServe gives a worker, as built by ts.model_loader; gpu_id None is a CPU worker."""
-    model_yaml_config = {"batchSize": batch_size, "handler": handler_section or {}}
+    # responseTimeout as the archiver writes it: batchSize x the handler's request_timeout_s (600 s by default).
+    model_yaml_config = {"batchSize": batch_size, "responseTimeout": 600 * batch_size, "handler": handler_section or {}}
     manifest = {"model": {"modelName": "tiny", "handler": "handler.py"}}
     metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
     metrics.initialize_cache()

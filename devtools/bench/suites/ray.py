@@ -49,7 +49,7 @@ def measure(workdir: Path) -> dict:
         starts = {"torchserve": time.perf_counter() - started}
         started = time.perf_counter()
         cluster = stack.enter_context(RayServeCluster(workdir / "ray", {WORKLOAD.name: store / archive},
-                                                      cpus_per_node=cpus, deploy_options=("--num-cpus", str(cpus))))
+                                                      cpus_per_node=cpus, app_args={"num_cpus": cpus}))
         starts["ray"] = time.perf_counter() - started
         # The model's replicas are the deployment named after the model (handlers/ray/app.py's build_app).
         replica = f"ray::ServeReplica:{WORKLOAD.name}:{WORKLOAD.name}"
