@@ -45,7 +45,7 @@ class GenerationDefaults(BaseModel):
     )
     num_inference_steps: int = Field(50, ge=1, le=150, description="denoising steps")
     guidance_scale: float = Field(
-        7.5, ge=0, le=30, allow_inf_nan=False,
+        7.5, ge=0.0, le=30.0, allow_inf_nan=False,
         description="classifier-free guidance, as diffusers means it: 1 or less turns it off (Turbo models use 0)",
     )
     height: int = Field(768, ge=64, le=2048, multiple_of=8, description="pixels, a multiple of 8")
@@ -59,12 +59,12 @@ class GenerationDefaults(BaseModel):
     )
     quality: int = shared(90, ge=1, le=100, description="jpeg and webp quality")
     strength: float | None = Field(
-        None, ge=0, le=1, allow_inf_nan=False,
+        None, ge=0.0, le=1.0, allow_inf_nan=False,
         description="img2img and inpaint: how far to move from the input image (0 returns it); "
         "absent: 0.8 for img2img, 1.0 for inpaint",
     )
     controlnet_conditioning_scale: float = Field(
-        1.0, ge=0, le=2, allow_inf_nan=False, description="how strongly the ControlNet steers"
+        1.0, ge=0.0, le=2.0, allow_inf_nan=False, description="how strongly the ControlNet steers"
     )
     use_refiner: bool = Field(True, description="finish txt2img with the model's SDXL refiner, when it has one")
 
@@ -95,7 +95,7 @@ class GenerationRequest(GenerationDefaults):
     lora: str | dict[str, float] | None = Field(
         None, description="a LoRA adapter of the model by name, or adapter names mapped to their weights"
     )
-    lora_weight: float = Field(1.0, ge=-2, le=2, allow_inf_nan=False, description="the weight of a `lora` given by name")
+    lora_weight: float = Field(1.0, ge=-2.0, le=2.0, allow_inf_nan=False, description="the weight of a `lora` given by name")
     stream: bool = shared(False, description="stream one JSON line per denoising step, then the json document")
 
     @field_validator("prompt")
