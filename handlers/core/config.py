@@ -2,13 +2,13 @@
 
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from handlers.core.limits import Limits
 from handlers.core.schema import GenerationDefaults, request_json_schema
 
 TorchDtype = Literal["auto", "float32", "float16", "bfloat16"]
-Batching = Literal["auto", "combined", "per_request"]
+Batching = Literal["auto", "combined", "per_request", "step"]
 CpuOffload = Literal["none", "model", "sequential"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
 KServeProtocol = Literal["none", "v1", "v2"]
@@ -30,7 +30,9 @@ class HandlerConfig(GenerationDefaults, Limits):
     batching: Batching = Field(
         "auto",
         description="combined: compatible requests share one pipeline call (faster); per_request: one call "
-        "each, so pixels never depend on batch neighbours; auto: combined on CUDA, per_request on CPU",
+        "each, so pixels never depend on batch neighbours; auto: combined on CUDA, per_request on CPU; step: "
+        "requests join the running batch at the next denoising step and leave after their last "
+        "(docs/step-batching.md; TorchServe also needs continuousBatching: true, which the archiver writes)",
     )
     kserve_protocol: KServeProtocol = Field(
         "none",
@@ -110,6 +112,13 @@ class HandlerConfig(GenerationDefaults, Limits):
     refiner_switch: float = Field(
         0.8, gt=0, lt=1, description="fraction of the denoising done by the base model before the refiner takes over"
     )
+
+    @model_validator(mode="after")
+    def step_batching_answers_plain_requests(self) -> "HandlerConfig":
+        # A KServe body's instances share one answer, which a running set would have to hold back.
+        if self.batching == "step" and self.kserve_protocol != "none":
+            raise ValueError("batching: step serves plain requests only; KServe's protocols need another batching")
+        return self
 
     @property
     def generation_defaults(self) -> GenerationDefaults:

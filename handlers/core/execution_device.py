@@ -29,3 +29,9 @@ def pin_execution_device(pipeline: DiffusionPipeline, device: torch.device) -> N
 
 def pinned_device(pipeline: DiffusionPipeline) -> torch.device | None:
     return getattr(type(pipeline), "_pinned_device", None)
+
+
+def own_class(pipeline: DiffusionPipeline) -> type:
+    """The pipeline's class as diffusers made it, pinned or not."""
+    pipeline_class = type(pipeline)
+    return pipeline_class.__mro__[1] if pinned_device(pipeline) is not None else pipeline_class

@@ -139,7 +139,7 @@ class ImageGenerator:
         try:
             pipeline = self.views.pipeline_for(first.task, first.controlnet, first.scheduler)
             self._activate_loras(first.lora_weights)
-            refine = self._refines(first)
+            refine = self.refines(first)
             # With a refiner, the base and refiner steps split one schedule of num_inference_steps.
             progress = Progress(group, on_step, first.num_inference_steps if refine else None) if on_step else None
             return self._run_jobs(pipeline, first, jobs, progress)
@@ -200,11 +200,11 @@ class ImageGenerator:
             progress.begin_call()
             arguments["callback_on_step_end"] = progress.step
         arguments = without_unsupported(pipeline, arguments)
-        if self._refines(request):
+        if self.refines(request):
             return self._refine(pipeline, arguments, progress)
         return pictures_of(pipeline(**arguments))
 
-    def _refines(self, request: GenerationRequest) -> bool:
+    def refines(self, request: GenerationRequest) -> bool:
         return self.refiner is not None and request.use_refiner and request.task == "txt2img" and not request.controlnet
 
     def _refine(self, pipeline, arguments: dict, progress) -> list[tuple[Image, bool | None]]:

@@ -31,6 +31,7 @@ from handlers.core.pipelines import (
 )
 from handlers.core.request import Adapters, parse_request
 from handlers.core.schema import GenerationRequest
+from handlers.core.stepping import RunListener, RunningSet
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +136,10 @@ class DiffusionService:
         logger.info("batch of %d requests, %d valid", len(requests), len(valid))
         generated = iter(self.generator.generate(valid, on_step))
         return [request if isinstance(request, RequestError) else next(generated) for request in requests]
+
+    def running_set(self, capacity: int, on_step: RunListener | None = None) -> RunningSet:
+        """A running set for step-level batching (batching: step), of at most capacity requests."""
+        return RunningSet(self.generator, capacity, on_step)
 
     def answer(
         self, request: GenerationRequest | RequestError, result: Generation | RequestError, request_id: str,
