@@ -48,6 +48,8 @@ class ServingConfig:
                 # Per batch: batchSize x the handler's request_timeout_s (handlers/torchserve/handler.py checks it).
                 "responseTimeout": self.response_timeout_s,
                 "startupTimeout": self.startup_timeout_s,
+                # Step-level batching: the frontend refills the running set between steps (docs/step-batching.md).
+                **({"continuousBatching": True} if self.handler.get("batching") == "step" else {}),
                 "handler": self.handler,
             },
             sort_keys=False,

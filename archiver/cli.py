@@ -85,8 +85,9 @@ def add_handler_arguments(build: argparse.ArgumentParser) -> None:
     handler.add_argument(
         "--batching", choices=get_args(Batching),
         help="combined: compatible requests share a pipeline call; per_request: pixels never depend on "
-        "batch neighbours; auto: combined on CUDA, per_request on CPU (default: the source's recommended "
-        "one, digits: combined; else auto)",
+        "batch neighbours; auto: combined on CUDA, per_request on CPU; step: requests join the running batch at "
+        "the next denoising step (docs/step-batching.md) (default: the source's recommended one, digits: "
+        "combined; else auto)",
     )
     handler.add_argument(
         "--set", dest="handler_options", metavar="KEY=VALUE", action="append", default=[],

@@ -66,15 +66,23 @@ def generated_answer(request: GenerationRequest, generation: Generation, model_n
     return Answer(200, content_type, body, headers, metrics)
 
 
+def content_type_of(request: GenerationRequest) -> str:
+    """The Content-Type of a generated request's answer, known before any work (a step-batched answer's
+    head goes out before its images exist)."""
+    if request.stream:
+        return NDJSON
+    codec = IMAGE_CODECS.get(request.output_format)
+    return codec.media_type if codec is not None and request.image_count == 1 else JSON
+
+
 def encode_body(request: GenerationRequest, generation: Generation) -> tuple[bytes | str, str]:
     """The body and its Content-Type: one image in an image format as raw bytes; several as the json document."""
-    output_format = request.output_format
-    if output_format == "numpy":
-        return encode_numpy_json(generation.images), JSON
-    codec = IMAGE_CODECS.get(output_format)
-    if codec is not None and len(generation.images) == 1:
-        return codec.encode(generation.images[0], request.quality), codec.media_type
-    return compact_json(json_document(request, generation)), JSON
+    content_type = content_type_of(request)
+    if request.output_format == "numpy":
+        return encode_numpy_json(generation.images), content_type
+    if content_type != JSON:
+        return IMAGE_CODECS[request.output_format].encode(generation.images[0], request.quality), content_type
+    return compact_json(json_document(request, generation)), content_type
 
 
 def json_document(request: GenerationRequest, generation: Generation) -> dict:

@@ -26,6 +26,7 @@ from handlers.torchserve.kserve import (
     v2_size_bound,
     value_of,
 )
+from handlers.torchserve.continuous import ContinuousSteps, Reply
 from handlers.torchserve.metrics import TorchServeMetrics
 from handlers.torchserve.rows import body_type, read_row, text_header
 
@@ -40,21 +41,52 @@ class DiffusersHandler(BaseHandler):
         self.limits, self.protocol = self.config.limits, self.config.kserve_protocol
         check_batch_timeout(context.model_yaml_config or {}, context.system_properties.get("batch_size", 1),
                             self.limits.request_timeout_s)
+        check_continuous_batching(context.model_yaml_config or {}, self.config.batching)
         properties = context.system_properties
         self.service = DiffusionService(Path(properties["model_dir"]), self.config, properties.get("gpu_id"),
                                         request_size_bound(self.protocol), context.model_name)
         self.model_version = (context.manifest or {}).get("model", {}).get("modelVersion", "")
         self.metrics = TorchServeMetrics(context.metrics)
+        self.steps = None
+        if self.config.batching == "step":
+            batch_size = int(properties.get("batch_size") or 1)
+            self.steps = ContinuousSteps(self.service, batch_size, self._record_metric)
         self.initialized = True
 
     def handle(self, data, context):
         self.batch = data  # _is_describe reads it
-        return super().handle(data, context)
+        if self.steps is None:
+            return super().handle(data, context)
+        self.context = context
+        if self._is_describe():
+            context.stopping_criteria = None  # a whole response, as without continuous batching
+            return [self.describe_handle()]
+        return self._step(data)
 
     def _is_describe(self):
         """Only TorchServe's own describe job, one row without parameters: a client's `describe` header on a
-        prediction would otherwise turn its whole batch into one description."""
-        return super()._is_describe() and len(self.batch) == 1 and not self.batch[0]
+        prediction would otherwise turn its whole batch into one description. (An open request of the running
+        set also comes back without parameters, but under its own request id.)"""
+        is_open = self.steps is not None and self.steps.is_open(self._request_id(0))
+        return super()._is_describe() and len(self.batch) == 1 and not self.batch[0] and not is_open
+
+    def _step(self, data) -> list:
+        """One step of the running set (handlers/torchserve/continuous.py); each row gets its reply."""
+        request_ids = [self._request_id(index) for index in range(len(data))]
+        new_rows = {request_id: self._read(index, row)[1][0] for index, (request_id, row) in enumerate(zip(request_ids, data))
+                    if not self.steps.is_open(request_id)}
+        replies = self.steps.call(request_ids, new_rows)
+        # TorchServe asks each reply whether it ends its request: absent (None), it is a whole response.
+        self.context.stopping_criteria = [lambda _, last=reply.last: last for reply in replies]
+        return [self._send(index, reply) for index, reply in enumerate(replies)]
+
+    def _send(self, index: int, reply: Reply):
+        if reply.status != 200:
+            self.context.set_response_status(reply.status, HTTPStatus(reply.status).phrase, index)
+        self.context.set_response_content_type(index, reply.content_type)
+        for name, value in reply.headers.items():
+            self.context.set_response_header(index, name, value)
+        return reply.body
 
     def _is_explain(self):
         """Nothing here explains: a client's `explain` header is its own request's 400 (preprocess)."""
@@ -170,13 +202,28 @@ class DiffusersHandler(BaseHandler):
 
     def _record_metrics(self, answers: list[Answer], request_ids: list[str]) -> None:
         for answer, request_id in zip(answers, request_ids):
-            try:
-                self.metrics.record(answer.metrics, request_id)
-            except Exception:  # noqa: BLE001 - a metric is never worth an answer
-                logger.exception("recording metrics for request %s failed", request_id)
+            self._record_metric(answer, request_id)
+
+    def _record_metric(self, answer: Answer, request_id: str) -> None:
+        try:
+            self.metrics.record(answer.metrics, request_id)
+        except Exception:  # noqa: BLE001 - a metric is never worth an answer
+            logger.exception("recording metrics for request %s failed", request_id)
 
     def _request_id(self, index: int) -> str:
         return (getattr(self.context, "request_ids", None) or {}).get(index, f"#{index}")
+
+
+def check_continuous_batching(model_yaml_config: dict, batching: str) -> None:
+    """Step-level batching needs the frontend's continuous batching, and that frontend mode needs it: either
+    alone would answer every request after one step, or hold every request for the whole generation."""
+    continuous = bool(model_yaml_config.get("continuousBatching", False))
+    if continuous != (batching == "step"):
+        raise ValueError(
+            "model-config.yaml sets continuousBatching: true and the handler's batching: step together, or neither "
+            f"(found continuousBatching: {str(continuous).lower()}, batching: {batching}); "
+            "`python -m archiver build --batching step` writes both"
+        )
 
 
 # TorchServe's responseTimeout when model-config.yaml sets none.

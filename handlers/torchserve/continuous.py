@@ -1,0 +1,114 @@
+"""Step-level batching on TorchServe, through its continuous batching (model-config.yaml's
+`continuousBatching: true`): every handler call is one step of the running set.
+
+The frontend (wlm/ContinuousBatching.java) refills the call's jobs up to batchSize between calls, and keeps
+a job open while the handler answers it with `ts_stream_next: true`. So every open request gets a reply at
+every step: its response head with the first, then its progress lines (NDJSON) or nothing, and its body
+with the last. A job whose client went away is removed by the frontend after a reply, and is absent from
+the next call: its run is dropped there. docs/step-batching.md says why this mode and not
+asyncCommunication.
+"""
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from handlers.core.answers import Answer, content_type_of, progress_line
+from handlers.core.errors import RequestError
+from handlers.core.schema import GenerationRequest
+from handlers.core.service import DiffusionService
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Reply:
+    """One request's part of one handler call. last: None for a whole response; False for a chunk with more to
+    come (the first one carries the head: status, Content-Type and headers); True for the stream's last chunk."""
+
+    status: int
+    content_type: str
+    body: bytes | str
+    headers: dict[str, str] = field(default_factory=dict)
+    last: bool | None = None
+
+
+@dataclass
+class OpenRequest:
+    request: GenerationRequest
+    request_id: str
+    progress: list[str] = field(default_factory=list)
+    head_sent: bool = False
+
+
+# A new row: (TorchServe's request id, the request as read, or its error). An open one comes back with only its id.
+NewRow = tuple[str, GenerationRequest | RequestError]
+
+
+class ContinuousSteps:
+    """The running set of one TorchServe worker, keyed by TorchServe's request ids."""
+
+    def __init__(self, service: DiffusionService, capacity: int, record: Callable[[Answer, str], None]):
+        self.service, self.record = service, record
+        self.running = service.running_set(capacity, self._on_step)
+        self.open: dict[str, OpenRequest] = {}
+
+    def is_open(self, request_id: str) -> bool:
+        return request_id in self.open
+
+    def call(self, request_ids: list[str], new_rows: dict[str, GenerationRequest | RequestError]) -> list[Reply]:
+        """One step: drop the requests the frontend no longer sends, start the new ones, step, and reply to each."""
+        for gone in set(self.open) - set(request_ids):
+            logger.info("request %s: its client went away; dropped from the running set", gone)
+            self.running.drop(gone)
+            del self.open[gone]
+        whole = {}
+        for request_id, request in new_rows.items():
+            result = self.running.join(request_id, request)
+            if result is not None:
+                whole[request_id] = self._answer(request, result, request_id)
+            else:
+                self.open[request_id] = OpenRequest(request, request_id)
+        finished = self.running.iterate()
+        replies = []
+        for request_id in request_ids:
+            if request_id in whole:
+                replies.append(self._whole(whole[request_id]))
+            elif request_id in finished:
+                replies.append(self._last(self.open.pop(request_id), finished[request_id]))
+            else:
+                replies.append(self._next(self.open[request_id]))
+        return replies
+
+    def _on_step(self, request_id: str, step: int, total: int, elapsed: float) -> None:
+        opened = self.open.get(request_id)
+        if opened is not None and opened.request.stream:
+            opened.progress.append(progress_line(step, total, elapsed))
+
+    def _answer(self, request, result, request_id: str) -> Answer:
+        answer = self.service.answer(request, result, request_id)
+        self.record(answer, request_id)
+        return answer
+
+    @staticmethod
+    def _whole(answer: Answer) -> Reply:
+        return Reply(answer.status, answer.content_type, answer.body, answer.headers)
+
+    def _next(self, opened: OpenRequest) -> Reply:
+        """A chunk: the head on the first one, then the progress lines since the last."""
+        body, opened.progress = "".join(opened.progress), []
+        headers = {} if opened.head_sent else {"X-Seed": str(opened.request.seed)}
+        opened.head_sent = True
+        return Reply(200, content_type_of(opened.request), body, headers, last=False)
+
+    def _last(self, opened: OpenRequest, result) -> Reply:
+        answer = self._answer(opened.request, result, opened.request_id)
+        if not opened.head_sent:  # it finished at its first step: one whole response, with its own status
+            if opened.request.stream and answer.status == 200:
+                answer.body = "".join(opened.progress) + answer.body
+            return self._whole(answer)
+        # The head went out with a 200: a failure can only say so in the body, as a stream's last line does.
+        body = answer.body
+        if opened.request.stream:
+            body = "".join(opened.progress) + body + ("\n" if answer.status != 200 else "")
+        return Reply(answer.status, answer.content_type, body, last=True)
