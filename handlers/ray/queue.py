@@ -16,7 +16,7 @@ def max_ongoing(batch_size: int) -> int:
     return 2 * batch_size
 
 
-@dataclass
+@dataclass(eq=False)  # each one is its own request: hashed by identity, as a running set's key
 class QueuedRequest:
     """One request waiting for a batch, its request id, where its progress lines go when it streams, when its
     batch started, and its result."""

@@ -1,4 +1,5 @@
-"""The model's replicas: each holds the core's DiffusionService, fed by its BatchQueue. Ray Serve's own
+"""The model's replicas: each holds the core's DiffusionService, fed by its BatchQueue (or, for step-level
+batching, its StepLoop). Ray Serve's own
 mechanisms do the rest: check_health replaces a replica whose pipeline is stuck or whose CUDA context is
 broken, reconfigure takes a new batch size and delay (user_config), and the deployment's options (app.py)
 bound its queue and let a downscale finish the batches it holds."""
@@ -20,6 +21,7 @@ from handlers.ray.intake import RawRequest
 from handlers.ray.logs import use_serve_logging
 from handlers.ray.metrics import RayMetrics
 from handlers.ray.queue import BatchQueue, QueuedRequest, max_ongoing
+from handlers.ray.steps import StepLoop
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +47,10 @@ class DiffusionDeployment:
         self.service = self.torch_thread.submit(
             DiffusionService, model.model_dir, model.handler_config, model_name=model_name
         ).result()
-        self.batches = BatchQueue(self.generate_batch, model.batch_size, model.batch_delay_s)
+        if model.handler_config.batching == "step":
+            self.batches = StepLoop(self.service, self.torch_thread, model.batch_size)
+        else:
+            self.batches = BatchQueue(self.generate_batch, model.batch_size, model.batch_delay_s)
         self.max_ongoing = max_ongoing(model.batch_size)  # app.py's setting for this deployment
         # The longest a batch may take: batch size x the time a request of max_work may take.
         self.batch_bound_s = model.batch_size * model.handler_config.request_timeout_s
@@ -64,8 +69,9 @@ class DiffusionDeployment:
     def check_health(self) -> None:
         """Raises, and Ray replaces the replica, when a batch has run past any batch's bound or the CUDA
         context no longer answers."""
-        if self.generating_since is not None and time.monotonic() - self.generating_since > self.batch_bound_s:
-            raise RuntimeError(f"a batch has run {time.monotonic() - self.generating_since:.0f} s, past its "
+        since = self.batches.stepping_since if isinstance(self.batches, StepLoop) else self.generating_since
+        if since is not None and time.monotonic() - since > self.batch_bound_s:
+            raise RuntimeError(f"a batch (or a step) has run {time.monotonic() - since:.0f} s, past its "
                                f"{self.batch_bound_s} s bound: the pipeline is stuck")
         if self.service.device.type == "cuda":
             import torch
