@@ -48,7 +48,7 @@ class DiffusionDeployment:
             DiffusionService, model.model_dir, model.handler_config, model_name=model_name
         ).result()
         if model.handler_config.batching == "step":
-            self.batches = StepLoop(self.service, self.torch_thread, model.batch_size)
+            self.batches = StepLoop(self.service, self.torch_thread, model.batch_size, ledger.mark_started, ledger.forget)
         else:
             self.batches = BatchQueue(self.generate_batch, model.batch_size, model.batch_delay_s)
         self.max_ongoing = max_ongoing(model.batch_size)  # app.py's setting for this deployment

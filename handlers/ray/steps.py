@@ -4,11 +4,11 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from handlers.core.answers import progress_line
 from handlers.core.errors import InternalError
-from handlers.ray import ledger
 from handlers.ray.queue import QueuedRequest
 
 logger = logging.getLogger(__name__)
@@ -22,8 +22,10 @@ class StepLoop:
     its last step is done.
     """
 
-    def __init__(self, service, torch_thread: ThreadPoolExecutor, batch_size: int):
-        self.torch_thread = torch_thread
+    def __init__(self, service, torch_thread: ThreadPoolExecutor, batch_size: int,
+                 mark_started: Callable[[list[str]], None], forget: Callable[[list[str]], None]):
+        """mark_started and forget keep the replica's ledger (handlers/ray/ledger.py) of the requests it generates."""
+        self.torch_thread, self.mark_started, self.forget = torch_thread, mark_started, forget
         self.running_set = service.running_set(batch_size, self._on_step)
         self.waiting: deque[QueuedRequest] = deque()
         self.running: set[QueuedRequest] = set()
@@ -63,7 +65,7 @@ class StepLoop:
                 if not queued.result.done():  # a request whose client went away is not generated
                     joining.append(queued)
             # Before any work: the ingress resends, after this replica dies, only what the ledger does not hold.
-            await asyncio.to_thread(ledger.mark_started, [queued.request_id for queued in joining])
+            await asyncio.to_thread(self.mark_started, [queued.request_id for queued in joining])
             for queued in joining:
                 queued.started.set()
             self.running = (self.running - departed) | set(joining)
@@ -78,12 +80,11 @@ class StepLoop:
                     self.running_set.drop(queued)
             finally:
                 self.stepping_since = None
+            await asyncio.to_thread(self.forget, [queued.request_id for queued in [*results, *departed]])
             for queued, result in results.items():
                 self.running.discard(queued)
                 if not queued.result.done():
                     queued.result.set_result(result)
-            finished = [queued.request_id for queued in [*results, *departed]]
-            await asyncio.to_thread(ledger.forget, finished)
 
     def _iteration(self, departed: set[QueuedRequest], joining: list[QueuedRequest]) -> dict:
         """On the torch thread: one step of the running set, after its departures and arrivals."""

@@ -4,9 +4,12 @@ import base64
 import io
 import json
 import re
+import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 from PIL import Image
 
@@ -109,3 +112,31 @@ def progress_lines(sent: bytes) -> list[dict]:
     """The JSON progress lines inside TorchServe's binary response frames."""
     lines = re.findall(rb'\{"step":[^}]*\}\n', sent)
     return [json.loads(line) for line in lines]
+
+
+class OutOfMemoryAbove:
+    """Makes the real UNet raise an out-of-memory error for batches larger than `limit`.
+
+    At every call it lets through, it records whether an exception was being handled and whether
+    the refused call's input still lived: a retry inside the `except` block keeps both.
+    """
+
+    def __init__(self, unet, limit, error=torch.OutOfMemoryError):
+        self.limit, self.error = limit, error
+        self.refused: list[weakref.ref] = []
+        self.handling: list[type | None] = []
+        self.refused_alive: list[bool] = []
+        self.hook = unet.register_forward_pre_hook(self.check)
+
+    def check(self, module, args):
+        if args[0].shape[0] > self.limit:
+            self.refused.append(weakref.ref(args[0]))
+            raise self.error("out of memory (simulated)")
+        self.handling.append(sys.exc_info()[0])
+        self.refused_alive.append(any(reference() is not None for reference in self.refused))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.hook.remove()

@@ -62,3 +62,38 @@ def test_a_request_whose_client_left_is_not_generated():
 
     asyncio.run(main())
     assert batches == [["first"], ["kept"]]
+
+
+def test_the_step_loop_lets_requests_join_between_steps_and_drops_departed_ones(tiny_pipeline_dir):
+    """A replica's StepLoop on the tiny pipeline: a short request that arrives while a long one runs finishes
+    first; one whose client goes away is dropped and forgotten; the ledger hears of every start and end."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from handlers.core.config import HandlerConfig
+    from handlers.core.schema import GenerationRequest
+    from handlers.core.service import DiffusionService
+    from handlers.ray.steps import StepLoop
+
+    service = DiffusionService(tiny_pipeline_dir, HandlerConfig(height=64, width=64, batching="step"))
+    started, forgotten, finished = [], [], []
+
+    async def main():
+        loop = StepLoop(service, ThreadPoolExecutor(1), 4, started.extend, forgotten.extend)
+
+        async def client(name: str, steps: int, at: float):
+            await asyncio.sleep(at)
+            queued = queues.QueuedRequest(GenerationRequest(prompt=name, num_inference_steps=steps, height=64, width=64),
+                                          name, asyncio.Queue())
+            await loop.result(queued)
+            finished.append(name)
+
+        departing = asyncio.ensure_future(client("departs", 150, 0))
+        clients = asyncio.gather(client("long", 40, 0), client("short", 2, 0.1))
+        await asyncio.sleep(0.2)
+        departing.cancel()
+        await clients
+        assert len(loop.running_set) == 0 and not loop.running
+
+    asyncio.run(main())
+    assert finished == ["short", "long"]
+    assert sorted(started) == sorted(forgotten) == ["departs", "long", "short"]

@@ -2,8 +2,6 @@
 
 import base64
 import json
-import sys
-import weakref
 
 import numpy as np
 import pytest
@@ -11,6 +9,7 @@ import torch
 from PIL import Image
 
 from tests.unit.helpers import (
+    OutOfMemoryAbove,
     UNetBatchSizes,
     document_images,
     image_base64,
@@ -184,34 +183,6 @@ def test_img2img_streams_the_steps_it_runs(sd):
     progress = []
     sd.post({"prompt": "a cat", "stream": True, "image": png_base64(), "strength": 0.5, **PNG}, stream_to=progress)
     assert [(line["step"], line["total"]) for line in progress] == [(1, 2), (2, 2)]  # strength 0.5 of 4 steps
-
-
-class OutOfMemoryAbove:
-    """Makes the real UNet raise an out-of-memory error for batches larger than `limit`.
-
-    At every call it lets through, it records whether an exception was being handled and whether
-    the refused call's input still lived: a retry inside the `except` block keeps both.
-    """
-
-    def __init__(self, unet, limit, error=torch.OutOfMemoryError):
-        self.limit, self.error = limit, error
-        self.refused: list[weakref.ref] = []
-        self.handling: list[type | None] = []
-        self.refused_alive: list[bool] = []
-        self.hook = unet.register_forward_pre_hook(self.check)
-
-    def check(self, module, args):
-        if args[0].shape[0] > self.limit:
-            self.refused.append(weakref.ref(args[0]))
-            raise self.error("out of memory (simulated)")
-        self.handling.append(sys.exc_info()[0])
-        self.refused_alive.append(any(reference() is not None for reference in self.refused))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.hook.remove()
 
 
 def document_pixels(answer) -> list[np.ndarray]:
