@@ -6,6 +6,7 @@ beside the baseline it is compared to, and printed with its ratios; results go t
   python scripts/bench.py --gpu --model sd15 --part ladder   # the GPU plan (devtools/bench/suites/gpu.py)
   python scripts/bench.py --gpu --dry-run                    # the whole GPU plan on the CPU, tiny model
   python scripts/bench.py --cold-start                       # full-size SD 1.5 on the CPU: build to first image
+  python scripts/bench.py --step                             # step-level against static batching, mixed traffic
 """
 
 import argparse
@@ -18,7 +19,7 @@ import torch
 from devtools import REPO_ROOT
 from devtools.bench import report
 from devtools.bench.runner import log
-from devtools.bench.suites import batch_delay, bentoml, cold_start, compile_scale, example, example_report, gpu, speed
+from devtools.bench.suites import batch_delay, bentoml, cold_start, compile_scale, example, example_report, gpu, speed, step
 
 
 def in_workdir(measure):
@@ -79,6 +80,7 @@ SUITES = {
     "batch_delay": lambda args: run_suite(args, "batch-delay", batch_delay.measure, batch_delay.markdown),
     "compile_scale": lambda args: run_suite(args, "compile-scale", compile_scale.measure, compile_scale.markdown),
     "speed": run_speed,
+    "step": lambda args: run_suite(args, "step", step.measure, step.markdown),
     "cold_start": lambda args: run_suite(args, "cold-start", lambda workdir: cold_start.measure(workdir, args.models_dir),
                                          cold_start.markdown),
 }
@@ -96,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--engine", choices=["ray"], help="only Ray Serve against TorchServe on digits (needs root)")
     mode.add_argument("--batch-delay", action="store_true", help="only the maxBatchDelay sweep on serve.sh's archive")
     mode.add_argument("--cold-start", action="store_true", help="only the full-size cold start on the CPU (SD 1.5, 4 GB)")
+    mode.add_argument("--step", action="store_true", help="only step-level against static batching, mixed traffic on digits")
     gpu_options = parser.add_argument_group("--gpu and --cold-start")
     gpu_options.add_argument("--model", choices=sorted(gpu.MODELS), default="sd15")
     gpu_options.add_argument("--part", choices=gpu.PARTS, action="append", help="repeatable; default: every part")

@@ -10,6 +10,7 @@ asyncCommunication.
 """
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -41,8 +42,11 @@ class OpenRequest:
     head_sent: bool = False
 
 
-# A new row: (TorchServe's request id, the request as read, or its error). An open one comes back with only its id.
-NewRow = tuple[str, GenerationRequest | RequestError]
+# The share of a worker's time that the frontend's round trip between two handler calls may take. Measured at
+# 3 ms on the 2-core CPU, against 14 ms for a step of the digits model: one step per call made a lone request
+# 1.21x slower than static batching. So a call steps on until the round trip is this share of the cycle, or
+# until a request finishes (its answer goes out at once); a newcomer waits at most that long to join.
+ROUND_TRIP_SHARE = 0.05
 
 
 class ContinuousSteps:
@@ -52,12 +56,23 @@ class ContinuousSteps:
         self.service, self.record = service, record
         self.running = service.running_set(capacity, self._on_step)
         self.open: dict[str, OpenRequest] = {}
+        self.round_trip_share = ROUND_TRIP_SHARE
+        self.round_trip_s = 0.0  # the frontend's time between two calls while requests are open, averaged
+        self.returned_at: float | None = None
+        self.called_at = 0.0
 
     def is_open(self, request_id: str) -> bool:
         return request_id in self.open
 
+    def begin_call(self) -> None:
+        """The handler's call has begun: the time since the last one returned is the frontend's round trip."""
+        self.called_at = time.perf_counter()
+        if self.returned_at is not None:
+            self.round_trip_s = 0.8 * self.round_trip_s + 0.2 * (self.called_at - self.returned_at)
+
     def call(self, request_ids: list[str], new_rows: dict[str, GenerationRequest | RequestError]) -> list[Reply]:
-        """One step: drop the requests the frontend no longer sends, start the new ones, step, and reply to each."""
+        """One step (or a few, see ROUND_TRIP_SHARE): drop the requests the frontend no longer sends, start the
+        new ones, step, and reply to each."""
         for gone in set(self.open) - set(request_ids):
             logger.info("request %s: its client went away; dropped from the running set", gone)
             self.running.drop(gone)
@@ -69,7 +84,7 @@ class ContinuousSteps:
                 whole[request_id] = self._answer(request, result, request_id)
             else:
                 self.open[request_id] = OpenRequest(request, request_id)
-        finished = self.running.iterate()
+        finished = self._steps()
         replies = []
         for request_id in request_ids:
             if request_id in whole:
@@ -78,7 +93,17 @@ class ContinuousSteps:
                 replies.append(self._last(self.open.pop(request_id), finished[request_id]))
             else:
                 replies.append(self._next(self.open[request_id]))
+        self.returned_at = time.perf_counter() if self.open else None
         return replies
+
+    def _steps(self) -> dict:
+        """One step, then more while the frontend's round trip would cost more than its share and no request
+        has finished."""
+        slice_s = self.round_trip_s * (1 - self.round_trip_share) / self.round_trip_share
+        finished = self.running.iterate()
+        while not finished and len(self.running) and time.perf_counter() - self.called_at < slice_s:
+            finished = self.running.iterate()
+        return finished
 
     def _on_step(self, request_id: str, step: int, total: int, elapsed: float) -> None:
         opened = self.open.get(request_id)

@@ -72,6 +72,7 @@ class DiffusersHandler(BaseHandler):
 
     def _step(self, data) -> list:
         """One step of the running set (handlers/torchserve/continuous.py); each row gets its reply."""
+        self.steps.begin_call()
         request_ids = [self._request_id(index) for index in range(len(data))]
         new_rows = {request_id: self._read(index, row)[1][0] for index, (request_id, row) in enumerate(zip(request_ids, data))
                     if not self.steps.is_open(request_id)}

@@ -4,6 +4,7 @@ what needs no step, and the requests the frontend stops sending."""
 
 import io
 import json
+import time
 
 import pytest
 from PIL import Image
@@ -19,6 +20,7 @@ def stepping(tiny_pipeline_dir):
     context.model_yaml_config["continuousBatching"] = True
     handler = DiffusersHandler()
     handler.initialize(context)
+    handler.steps.round_trip_share = 1.0  # one step per call, whatever the gaps between this test's calls
     return handler, context
 
 
@@ -72,6 +74,19 @@ def test_a_request_the_frontend_stops_sending_is_dropped(stepping):
                             "stays": {"body": {"prompt": "a dog", "num_inference_steps": 2}}})
     [stays] = call(handler, context, {"stays": {}})
     assert stays[4] is True and "gone" not in handler.steps.open and len(handler.steps.running) == 0
+
+
+def test_a_call_steps_on_while_the_frontends_round_trip_would_cost_more_than_its_share(tiny_pipeline_dir):
+    context = make_context(tiny_pipeline_dir, {**SMALL, "batching": "step"}, batch_size=4)
+    context.model_yaml_config["continuousBatching"] = True
+    handler = DiffusersHandler()
+    handler.initialize(context)
+    streaming = {"body": {"prompt": "a cat", "num_inference_steps": 150, "stream": True}}
+    [first] = call(handler, context, {"stream": streaming})
+    time.sleep(0.05)  # a round trip of 50 ms: the next calls run steps for about 19 times as long
+    [second] = call(handler, context, {"stream": {}})
+    steps = [json.loads(line)["step"] for line in second[3].splitlines()]
+    assert len(steps) > 1 and steps == list(range(steps[0], steps[0] + len(steps))) and second[4] is False
 
 
 def test_the_description_is_answered_whole_in_step_mode(stepping):

@@ -7,6 +7,7 @@ exactly what trained ones cost). Every part fits the device's 10-minute limit pe
   bench.py --gpu --model sd15 --part served-eager      bare, then TorchServe at batch 1 and 4
   bench.py --gpu --model sd15 --part served-compiled   the same with the torch_compile option
   bench.py --gpu --model sd15 --part profile           torch.profiler over one compiled call
+  bench.py --gpu --model sd15 --part step              step-level against static batching, mixed traffic
   bench.py --gpu --dry-run                             every part, tiny model, CPU: proves the plan
 
 Disk: a served part copies the model into a no-archive store, so it needs twice the model's size (FLUX.1-dev
@@ -25,7 +26,7 @@ import torch
 
 from devtools.archives import model_dir as tiny_model_dir
 from devtools.bench.archives import build_ours
-from devtools.bench.runner import log, run_load, timed
+from devtools.bench.runner import interleaved, log, run_load, timed
 from devtools.bench.workload import Workload
 from devtools.harness.memory import MemoryPeak
 from devtools.harness.torchserve import TorchServe
@@ -34,7 +35,7 @@ from handlers.core.config import HandlerConfig
 from handlers.core.pipelines import DTYPES, apply_memory_options, compile_denoiser, load_pipeline
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
-PARTS = ("ladder", "autotune", "served-eager", "served-compiled", "profile")
+PARTS = ("ladder", "autotune", "served-eager", "served-compiled", "profile", "step")
 MODELS = {
     "sd15": Workload("sd15", size=512, steps=50, dtype="float16", guidance=7.5, requests=16, target_s=0.6,
                      anchors="A100: diffusers fp16+SDPA 1.59 s, compiled 1.07 s; TensorRT 0.82 s"),
@@ -190,10 +191,36 @@ def measure_profile(run: Run) -> dict:
     return {"top_operators": table.splitlines()[:30]}
 
 
+def measure_step(run: Run) -> dict:
+    """bench.py --step's mixed workload (4 steps with dpmpp_2m, 25, 50; guidance 1 to 7) at the model's size,
+    closed loop at concurrency 8, static batching (combined, batchSize 4) against step-level, interleaved;
+    then every step-batched image against the same request run alone through the pipeline."""
+    from devtools.bench.suites import step
+
+    workload, store = run.workload, run.out / "store"
+    common = ["--source", str(model_dir(run)), "--archive-format", "no-archive", "--batch-size", "4",
+              "--height", str(workload.size), "--width", str(workload.size), "--torch-dtype", workload.dtype]
+    models = {"static": build_ours(store, "static", *common, "--batching", "combined"),
+              "step": build_ours(store, "step", *common, "--batching", "step")}
+    bodies = step.workload(workload.requests, seed=1, size=workload.size)
+    with TorchServe(run.out / "ts-step", store, models).start(timeout_s=900) as server:
+        for mode in step.MODES:  # warm-up: the shapes and samplers seen once
+            step.send_all(server, mode, bodies[:4], concurrency=4)
+        runs = interleaved({mode: (lambda mode=mode: step.send_all(server, mode, bodies, step.CONCURRENCY))
+                            for mode in step.MODES}, rounds=2)
+    shutil.rmtree(store, ignore_errors=True)
+    step_images = [image for measured in runs["step"] for image in measured["images"]]
+    gpu_id = 0 if run.device.type == "cuda" else None
+    solo = step.solo_difference(bodies * 2, step_images, model_dir(run), gpu_id, torch_dtype=workload.dtype)
+    release(run.device)
+    return {"closed": {mode: step.summary(step.merged(runs[mode])) for mode in step.MODES}, "solo_difference": solo}
+
+
 MEASURES = {
     "ladder": measure_ladder,
     "autotune": measure_autotune,
     "served-eager": lambda run: measure_served(run, compiled=False),
     "served-compiled": lambda run: measure_served(run, compiled=True),
     "profile": measure_profile,
+    "step": measure_step,
 }

@@ -98,6 +98,8 @@ def markdown(out: Path) -> str:
         if targets:
             lines += ["| target | ours | verdict |", "|---|---|---|"]
             lines += [f"| {what} | {value:.3g} | {verdict} |" for what, value, verdict in targets]
+        if "step" in parts:
+            lines += ["", *step_lines(parts["step"])]
         if "profile" in parts:
             lines += ["", f"Profile of one compiled call: {name}-profile.txt"]
     return "\n".join(lines) + "\n"
@@ -114,3 +116,14 @@ def served_table(variant: str, served: dict) -> list[str]:
                          f"| {figures['warm_request_s']:.3f} s | {figures['c8']['throughput_rps']:.2f} "
                          f"| {figures['c8']['p50_s']:.3f} s | {gib(figures['peak_memory_bytes'])} |")
     return [*lines, ""]
+
+
+def step_lines(results: dict) -> list[str]:
+    from devtools.bench.suites import step
+
+    ratio = {name: results["closed"]["step"][key] / results["closed"]["static"][key] for name, key in
+             [("4-step p95", "p95_s 4 steps"), ("throughput", "throughput_rps"), ("50-step p95", "p95_s 50 steps")]}
+    targets = [(step.TARGETS[0], ratio["4-step p95"]), (step.TARGETS[1], ratio["throughput"]), (step.TARGETS[3], ratio["50-step p95"])]
+    return ["Step-level against static batching (mixed: 4, 25 and 50 steps):", "", *step.closed_table(results["closed"]),
+            "", step.solo_line(results["solo_difference"]), "", "| target | verdict |", "|---|---|",
+            *(f"| {target.name} | {target.verdict(value)} |" for target, value in targets), ""]
