@@ -65,7 +65,8 @@ class StepLoop:
                 if not queued.result.done():  # a request whose client went away is not generated
                     joining.append(queued)
             # Before any work: the ingress resends, after this replica dies, only what the ledger does not hold.
-            await asyncio.to_thread(self.mark_started, [queued.request_id for queued in joining])
+            if joining:
+                await asyncio.to_thread(self.mark_started, [queued.request_id for queued in joining])
             for queued in joining:
                 queued.started.set()
             self.running = (self.running - departed) | set(joining)
@@ -80,7 +81,8 @@ class StepLoop:
                     self.running_set.drop(queued)
             finally:
                 self.stepping_since = None
-            await asyncio.to_thread(self.forget, [queued.request_id for queued in [*results, *departed]])
+            if results or departed:
+                await asyncio.to_thread(self.forget, [queued.request_id for queued in [*results, *departed]])
             for queued, result in results.items():
                 self.running.discard(queued)
                 if not queued.result.done():

@@ -46,11 +46,20 @@ def test_served_parts_measure_batch_1_and_4_through_torchserve(dry_run, variant)
         assert figures["peak_memory_bytes"] > 2**20  # the worker's peak resident memory on a CPU
 
 
+def test_the_step_part_compares_both_modes_on_the_mix_and_checks_every_image_against_its_solo_one(dry_run):
+    step = part(dry_run, "step")
+    for mode in ("static", "step"):
+        figures = step["closed"][mode]
+        assert figures["throughput_rps"] > 0 and all(figures[f"p95_s {steps} steps"] > 0 for steps in (4, 25, 50))
+    solo = step["solo_difference"]
+    assert solo["checked"] == 2 * 8 and solo["max"] <= 2  # two rounds of the plan's 8 requests
+
+
 def test_the_report_has_every_table_and_target(dry_run):
     report = (dry_run / "gpu.md").read_text()
     for row in ("| + torch.compile |", "| max-autotune |", "| eager_b4 |", "| compiled_b1 |", "| compiled_b4 |"):
         assert row in report
-    for target in ("serving overhead", "first request after READY", "batch 4 / batch 1"):
+    for target in ("serving overhead", "first request after READY", "batch 4 / batch 1", "p95 latency of 4-step requests"):
         assert target in report
     assert "time total" in (dry_run / "tiny-profile.txt").read_text()  # torch.profiler's table
 

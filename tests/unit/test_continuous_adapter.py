@@ -8,7 +8,9 @@ import time
 
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 
+from handlers.core.config import HandlerConfig
 from handlers.torchserve.handler import DiffusersHandler
 from tests.conftest import SMALL
 from tests.unit.torchserve_context import attach_requests, make_context
@@ -102,3 +104,10 @@ def test_step_batching_and_continuous_batching_go_together(tiny_pipeline_dir, co
     context.model_yaml_config["continuousBatching"] = continuous
     with pytest.raises(ValueError, match="continuousBatching: true and the handler's batching: step together"):
         DiffusersHandler().initialize(context)
+
+
+@pytest.mark.parametrize("protocol", ["v1", "v2"])
+def test_step_batching_serves_plain_requests_only(protocol):
+    """A KServe body's instances share one answer, which a running set would hold back until the last."""
+    with pytest.raises(ValidationError, match="batching: step serves plain requests only"):
+        HandlerConfig(batching="step", kserve_protocol=protocol)
