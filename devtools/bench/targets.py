@@ -15,7 +15,7 @@ class Target:
     def verdict(self, value: float | None) -> str:
         if value is None:
             return "not measured"
-        return f"{'met' if self.met(value) else 'MISSED'} ({value:.3g} {self.direction} {self.bound:g})"
+        return f"{'met' if self.met(value) else 'MISSED'} ({value:.4g} {self.direction} {self.bound:g})"
 
 
 def targets_table(targets: list[Target], values: dict[str, float | None], heading: str = "target") -> list[str]:

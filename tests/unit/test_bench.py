@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from devtools.bench.runner import run_load
-from devtools.bench.suites import bentoml, example, example_report, gpu_report
+from devtools.bench.suites import bentoml, example, example_report, gpu_report, step
 from devtools.bench.targets import Target
 from devtools.models.fullsize import flux_dev_components, sdxl_components
 from devtools.models.sd15 import sd15_components
@@ -120,3 +120,18 @@ def test_the_load_runner_counts_every_answer_and_orders_its_latencies():
 
     load = run_load(lambda index: Answer(index), concurrency=4, count=20)
     assert load.p50_s <= load.p95_s and load.throughput_rps > 0 and load.body_bytes == 9.5  # the median of 0..19 bytes
+
+
+def test_the_step_benchmarks_mix_is_a_third_of_each_class_with_its_own_seeds_and_guidance():
+    bodies = step.workload(96, seed=1)
+    counts = {name: sum(step.class_of(body) == name for body in bodies) for name in step.CLASSES}
+    assert counts == {name: 32 for name in step.CLASSES}
+    assert all(body["scheduler"] == "dpmpp_2m" for body in bodies if body["num_inference_steps"] == 4)
+    assert len({body["seed"] for body in bodies}) == 96 and all(1 <= body["guidance_scale"] <= 7 for body in bodies)
+    assert step.workload(96, seed=1) == bodies and step.workload(96, seed=2) != bodies  # replayed alike for both modes
+
+
+def test_the_step_benchmarks_arrivals_come_at_the_asked_rate():
+    arrivals = step.poisson_arrivals(2000, rate=4.0, seed=7)
+    assert arrivals == sorted(arrivals) and 3.6 < len(arrivals) / arrivals[-1] < 4.4
+
