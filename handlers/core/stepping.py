@@ -217,7 +217,10 @@ class RunningSet:
         if isinstance(request, RequestError):
             return request
         if not self.batcher.can_step(request):
-            [result] = self.generator.generate([request])
+            progress = None
+            if self.on_step:
+                progress = lambda group, step, total, elapsed: self.on_step(key, step, total, elapsed)  # noqa: E731
+            [result] = self.generator.generate([request], progress)
             return result
         try:
             self.runs[key] = self.batcher.start(key, request)

@@ -81,18 +81,20 @@ class ContinuousSteps:
             del self.open[gone]
         whole = {}
         for request_id, request in new_rows.items():
+            if isinstance(request, RequestError):
+                whole[request_id] = self._whole(self._answer(request, request, request_id))
+                continue
+            self.open[request_id] = OpenRequest(request, request_id)  # before it joins: its progress comes at once
             result = self.running.join(request_id, request)
             if result is not None:
-                whole[request_id] = self._answer(request, result, request_id)
-            else:
-                self.open[request_id] = OpenRequest(request, request_id)
+                whole[request_id] = self._last(self.open.pop(request_id), result)
         finished = self._steps()
         for opened in self.open.values():
             opened.calls += 1
         replies = []
         for request_id in request_ids:
             if request_id in whole:
-                replies.append(self._whole(whole[request_id]))
+                replies.append(whole[request_id])
             elif request_id in finished:
                 replies.append(self._last(self.open.pop(request_id), finished[request_id]))
             else:
@@ -131,8 +133,9 @@ class ContinuousSteps:
         return Reply(200, content_type_of(opened.request), body, headers, last=False)
 
     def _last(self, opened: OpenRequest, result) -> Reply:
-        logger.info("request %s: %d steps in %d calls (the frontend's round trip: %.1f ms)", opened.request_id,
-                    opened.request.denoising_steps, opened.calls, self.round_trip_s * 1000)
+        if opened.calls:
+            logger.info("request %s: %d steps in %d calls (the frontend's round trip: %.1f ms)", opened.request_id,
+                        opened.request.denoising_steps, opened.calls, self.round_trip_s * 1000)
         answer = self._answer(opened.request, result, opened.request_id)
         if not opened.head_sent:  # it finished at its first step: one whole response, with its own status
             if opened.request.stream and answer.status == 200:
