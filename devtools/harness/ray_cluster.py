@@ -34,6 +34,9 @@ GCS_PORT = 6380  # the namespace is new and empty: fixed ports cannot collide
 SERVE_PORT = 8000  # Ray Serve's default, as users reach it
 DASHBOARD_PORT = 8265  # where `serve deploy` sends the Serve config, as KubeRay's operator does
 REQUEST_TIMEOUT_S = 660  # Serve's proxy answers no request later than this, as the shipped configs say
+# A torn-down cluster's processes get this long after SIGTERM before SIGKILL. Some of Ray's took the whole
+# 20 s they were once given, at every test module's teardown; nothing of a test cluster needs to be kept.
+STOP_GRACE_S = 3
 
 
 PROXY_MIDDLEWARES = "handlers.ray.proxy:middlewares"
@@ -236,6 +239,6 @@ def stop_processes(processes: list[psutil.Process]) -> None:
                 getattr(process, signal_name)()
             except psutil.NoSuchProcess:
                 pass
-        _, processes = psutil.wait_procs(processes, timeout=20)
+        _, processes = psutil.wait_procs(processes, timeout=STOP_GRACE_S)
         if not processes:
             return
