@@ -1,16 +1,20 @@
-"""Step-level batching through real servers (a TorchServe with continuous batching, and Ray Serve), on an
-archive built with `--batching step`: requests join the running set at the next step and leave after their
-last, each with the image it gets alone, its errors its own, and the worker alive through all of it."""
+"""Step-level batching through real servers (a TorchServe with continuous batching, and Ray Serve), on
+archives of the tiny and digits models built with `--batching step`: requests join the running set at the
+next step and leave after their last, each with the image it gets alone, its errors its own, and the worker
+alive through all of it."""
 
 import io
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from archiver.sources import DIGITS_DIR
+from devtools.models.digits import DigitsOracle
 from handlers.core.config import HandlerConfig
 from handlers.core.schema import GenerationRequest
 from handlers.core.service import DiffusionService
@@ -143,3 +147,33 @@ def test_a_departed_client_is_dropped_at_the_next_step(step_server):
     log = worker_log(step_server)
     assert "went away; dropped from the running set" in log
     assert model_pids(step_server) == pids
+
+
+@pytest.fixture(scope="module")
+def digits_server(tmp_path_factory):
+    store = tmp_path_factory.mktemp("digits-step")
+    build_archive(store, "digits_step", "--source", "digits", "--batch-size", "4", "--batching", "step")
+    with serving("torchserve", tmp_path_factory.mktemp("digits-torchserve"), store, {"digits_step": "digits_step.mar"}) as server:
+        yield server
+
+
+def test_mixed_digits_requests_stepped_together_draw_their_digits_as_they_would_alone(digits_server):
+    """Ten requests at once, 4-step dpm++ beside 25 and 50 steps and guidance from 2 to 7: the oracle reads
+    their digits, and each image is its solo image within the tolerance."""
+    mix = [{"num_inference_steps": 4, "scheduler": "dpmpp_2m"}, {"num_inference_steps": 25}, {"num_inference_steps": 50}]
+    bodies = [{"prompt": f"digit {digit}", "seed": 100 + digit, "guidance_scale": 2 + digit / 2, **mix[digit % 3]}
+              for digit in range(10)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        served = list(pool.map(lambda body: digits_server.predict("digits_step", json={**body, "output_format": "png"}),
+                               bodies))
+    images = [pixels(response) for response in served]
+    labels = DigitsOracle().labels([Image.fromarray(image.astype("uint8")) for image in images])
+    assert sum(label == digit for digit, label in enumerate(labels)) >= 9, labels
+    service = DiffusionService(DIGITS_DIR, HandlerConfig(height=64, width=64, batching="per_request", warm_up=False))
+    differences = []
+    for body, image in zip(bodies, images):
+        [alone] = service.generate([GenerationRequest(height=64, width=64, **body)])
+        differences.append(int(np.abs(image - np.asarray(alone.images[0]).astype(int)).max()))
+    print("grey levels from the solo images:", differences)
+    assert max(differences) <= GREY_LEVELS
+
