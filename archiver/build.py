@@ -15,6 +15,8 @@ from model_archiver.model_packaging_utils import ModelExportUtils
 
 import handlers
 from archiver.contents import PIPELINE_INDEX, UnsafePipeline, select_component_files, select_pipeline_files, stays_inside
+from archiver.references import describe_reference, is_weights, references_weights, weights_manifest
+from handlers.core.weights import MANIFEST
 
 HANDLER_PACKAGE = Path(handlers.__file__).resolve().parent  # from the checkout or an installed wheel
 # The module TorchServe's manifest names, copied to the archive root: TorchServe takes the one class
@@ -67,10 +69,13 @@ def build_archive(
     allow_pickle_weights: bool = False,
     extras: dict[str, Path] | None = None,
     source: str | None = None,
+    weights: str = "pack",
 ) -> Path:
     """Pack pipeline_dir and our handler into export_path; return the .mar file or directory.
 
-    extras are more directories (refiner, ControlNets, LoRAs), staged at the given relative paths.
+    extras are more directories (refiner, ControlNets, LoRAs), staged at the given relative paths. weights
+    says whether the pipeline's own weights are packed or referenced where they lie (auto: archiver/references.py
+    decides); extras are always packed.
     source, where given, is recorded in the archive (PROVENANCE), so that a later build can tell
     whether it would replace an archive of another model.
 
@@ -87,7 +92,8 @@ def build_archive(
     if in_place and result.exists():
         shutil.rmtree(result)
     try:
-        stage_archive(stage, pipeline_dir, serving, allow_pickle_weights, extras or {}, source, link=not in_place)
+        stage_archive(stage, pipeline_dir, serving, allow_pickle_weights, extras or {}, source, link=not in_place,
+                      weights=weights)
         manifest = ModelExportUtils.generate_manifest_json(ModelArchiverConfig(
             model_name=model_name, handler=str(HANDLER_ENTRY), version=version, export_path=str(export_path),
             archive_format=archive_format, force=True, config_file=str(stage / MODEL_CONFIG),
@@ -106,10 +112,20 @@ def build_archive(
 
 def stage_archive(
     stage: Path, pipeline_dir: Path, serving: ServingConfig, allow_pickle_weights: bool, extras: dict[str, Path],
-    source: str | None, link: bool,
+    source: str | None, link: bool, weights: str = "pack",
 ) -> None:
-    """The archive's files: the pipeline's at the root (extras below it), our handler, model-config.yaml."""
-    copy_pipeline(pipeline_dir, stage, allow_pickle_weights, link)
+    """The archive's files: the pipeline's at the root (or, referencing its weights, all but them, and their
+    manifest), extras below it, our handler, model-config.yaml."""
+    files = selected_files(pipeline_dir, allow_pickle_weights)
+    weight_files = [relative for relative in files if is_weights(relative)]
+    reference, why = references_weights(weights, pipeline_dir, sum((pipeline_dir / path).stat().st_size
+                                                                    for path in weight_files))
+    print(f"{'referencing' if reference else 'packing'} the pipeline's weights ({why})")
+    stage_files(pipeline_dir, stage, [path for path in files if not (reference and is_weights(path))], link)
+    if reference:
+        manifest = weights_manifest(pipeline_dir, weight_files)
+        (stage / MANIFEST).write_text(manifest.model_dump_json(indent=1), encoding="utf-8")
+        print(describe_reference(manifest))
     for relative, extra_dir in extras.items():
         print(f"adding {relative}/")
         copy_pipeline(extra_dir, stage / relative, allow_pickle_weights, link)
@@ -166,13 +182,22 @@ def built_from(archive: Path) -> str | None:
 
 def copy_pipeline(source: Path, target: Path, allow_pickle_weights: bool, link: bool = False) -> None:
     """Copy what the pipeline (or a single model folder) is made of, and say what was left out and why."""
+    stage_files(source, target, selected_files(source, allow_pickle_weights), link)
+
+
+def selected_files(source: Path, allow_pickle_weights: bool) -> list:
+    """What the pipeline (or a single model folder) is made of; says what was left out and why."""
     if (source / PIPELINE_INDEX).is_file():
         selection = select_pipeline_files(source, allow_pickle_weights)
     else:
         selection = select_component_files(source, allow_pickle_weights)
     for relative, reason in selection.left_out:
         print(f"  leaving out {relative}: {reason}")
-    for relative in selection.files:
+    return list(selection.files)
+
+
+def stage_files(source: Path, target: Path, files: list, link: bool) -> None:
+    for relative in files:
         path = source / relative
         destination = target / relative
         destination.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from typing import get_args
 
 from archiver.build import ServingConfig, archive_path, build_archive, built_from
 from archiver.contents import COMPONENT_NAME, UnsafePipeline
+from archiver.references import REFERENCE_THRESHOLD, WEIGHTS_MODES
 from archiver.settings import handler_section, parse_assignments
 from archiver.sources import (
     SHIPPED,
@@ -38,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="zip-store: one .mar, stored without compression (weights do not compress, so deflating them "
         "only costs time, at every build and every start); default: torch-model-archiver's deflated .mar; "
         "no-archive: a directory, nothing to unpack at start-up (default: %(default)s)",
+    )
+    build.add_argument(
+        "--weights", choices=WEIGHTS_MODES, default="auto",
+        help="pack: the weights go into the archive; reference: the archive holds the pipeline's configs, tokenizer "
+        "files and a manifest of its weights (sizes, sha256), which stay where they are and are checked at every "
+        "start (DIFFUSION_WEIGHTS_ROOT or weights_root says where they are when they move); auto: reference a "
+        f"Hugging Face cache snapshot or over {REFERENCE_THRESHOLD // 2**30} GiB of weights, pack the rest "
+        "(default: %(default)s)",
     )
     build.add_argument("--version", default="1.0")
     build.add_argument("--revision", help="hub revision (branch, tag or commit) to download")
@@ -153,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             build_archive(
                 pipeline_dir, args.model_name, args.export_path, serving, workdir,
                 archive_format=args.archive_format, version=args.version,
-                allow_pickle_weights=args.allow_unsafe_weights, extras=extras, source=source,
+                allow_pickle_weights=args.allow_unsafe_weights, extras=extras, source=source, weights=args.weights,
             )
         except (SourceError, UnsafePipeline) as error:
             print(f"error: {error}", file=sys.stderr)

@@ -60,6 +60,18 @@ class HandlerConfig(GenerationDefaults, Limits):
     max_unpacked_bytes: int = Field(
         64 * 2**30, ge=1, description="a model.zip that unpacks to more is refused (zip bombs); default 64 GiB"
     )
+    weights_root: str | None = Field(
+        None,
+        description="for an archive that references its weights (the archiver's --weights reference): the directory "
+        "they are in on this machine, or the Hugging Face cache holding them; default: where the build found them. "
+        "The DIFFUSION_WEIGHTS_ROOT environment variable, where set, wins: a deployment knows where it mounted them",
+    )
+    verify_weights: Literal["sampled", "full"] = Field(
+        "sampled",
+        description="what start-up checks of referenced weights beyond their sizes and Hugging Face blob names: "
+        "sampled: the sha256 of 16 slices of 64 KiB spread over each file (milliseconds; a file re-saved or "
+        "swapped fails it); full: each file's sha256 (reads every byte: about 3 s per 4 GB here)",
+    )
     attention_slicing: Literal["auto", "max"] | int | None = Field(
         None, description="compute attention in slices: less peak memory, a little slower"
     )

@@ -64,3 +64,7 @@ class PipelineNotFound(Exception):
 
 class UnsafeArchive(Exception):
     """An archive member would land outside the directory it is extracted into."""
+
+
+class ReferencedWeightsError(Exception):
+    """Weights an archive references are missing, changed, or lie where they must not; the message names the file."""

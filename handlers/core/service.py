@@ -32,6 +32,7 @@ from handlers.core.pipelines import (
 from handlers.core.request import Adapters, parse_request
 from handlers.core.schema import GenerationRequest
 from handlers.core.stepping import RunListener, RunningSet
+from handlers.core.weights import read_manifest, referenced_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +52,16 @@ class DiffusionService:
         self.device = select_device(gpu_id)
         unpack_dir = Path(config.unpack_dir) if config.unpack_dir else None
         pipeline_dir = locate_pipeline(model_dir, unpack_dir, config.max_unpacked_bytes)
+        manifest = read_manifest(pipeline_dir)
+        # An archive that references its weights loads them where they lie; its adapters are in the archive.
+        load_dir = pipeline_dir if manifest is None else referenced_pipeline(pipeline_dir, manifest, config)
         dtype = resolve_dtype(config.torch_dtype, self.device)
         combine = resolve_batching(config.batching, self.device)
         allow_pickle = config.allow_pickle_weights
-        logger.info("loading %s on %s as %s (combined batches: %s, %d CPU threads)", pipeline_dir, self.device, dtype,
+        logger.info("loading %s on %s as %s (combined batches: %s, %d CPU threads)", load_dir, self.device, dtype,
                     combine, torch.get_num_threads())
         without = {} if config.safety_checker or not ships_safety_checker(pipeline_dir) else {"safety_checker": None}
-        self.pipeline = load_pipeline(pipeline_dir, dtype, allow_pickle, config.variant, **without)
+        self.pipeline = load_pipeline(load_dir, dtype, allow_pickle, config.variant, **without)
         # Work counts denoiser evaluations: a request that names no sampler gets the pipeline's own.
         self.own_sampler_order = getattr(self.pipeline.scheduler, "order", 1)
         check_defaults_fit(self.defaults, self.limits, self.size_bound, self.own_sampler_order)
