@@ -44,7 +44,7 @@ def archiver(tmp_path: Path, env: dict, *options: str) -> subprocess.CompletedPr
 
 def test_offline_build_reads_the_filled_cache(tmp_path):
     snapshot = fill_cache(tmp_path / "hf")
-    result = archiver(tmp_path, {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    result = archiver(tmp_path, {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}, "--weights", "pack")
     assert result.returncode == 0, result.stderr
     assert f"using {snapshot}" in result.stdout and "offline: HF_HUB_OFFLINE is set" in result.stdout
     archive = tmp_path / "store" / "hub"
@@ -54,12 +54,24 @@ def test_offline_build_reads_the_filled_cache(tmp_path):
     ).read_bytes()
 
 
+def test_by_default_a_hub_source_is_referenced_in_the_cache_pinned_to_its_snapshot(tmp_path):
+    snapshot = fill_cache(tmp_path / "hf")
+    result = archiver(tmp_path, {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert f"in {REPO_ID}@{COMMIT} in the Hugging Face cache" in result.stdout
+    archive = tmp_path / "store" / "hub"
+    manifest = json.loads((archive / "weights.json").read_text())
+    assert manifest["hub"] == {"repo_id": REPO_ID, "commit": COMMIT}
+    assert manifest["root"] == str((tmp_path / "hf" / "hub").resolve())
+    assert not list(archive.rglob("*.safetensors")) and (snapshot / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
 def test_an_unreachable_hub_falls_back_to_the_cache_instead_of_downloading_again(tmp_path):
     fill_cache(tmp_path / "hf")
     dead_endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens: every request is refused at once
     result = archiver(tmp_path, {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": dead_endpoint})
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "store" / "hub" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (tmp_path / "store" / "hub" / "weights.json").is_file()
 
 
 def test_offline_with_an_empty_cache_is_a_clear_error(tmp_path):
@@ -72,7 +84,7 @@ def test_offline_with_an_empty_cache_is_a_clear_error(tmp_path):
 
 def test_a_variant_is_fetched_packed_and_loaded(tmp_path):
     fill_cache(tmp_path / "hf", variant="fp16")
-    result = archiver(tmp_path, {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}, "--variant", "fp16",
+    result = archiver(tmp_path, {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}, "--variant", "fp16", "--weights", "pack",
                       "--height", "64", "--width", "64", "--num-inference-steps", "2")
     assert result.returncode == 0, result.stderr
     archive = tmp_path / "store" / "hub"
