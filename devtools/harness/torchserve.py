@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -58,6 +59,19 @@ def worker_hwm(pid: int) -> int:
     return next((int(line.split()[1]) * 1024 for line in lines if line.startswith("VmHWM")), 0)
 
 
+def can_mount_read_only() -> bool:
+    return subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+
+
+def read_only_mounts(paths: tuple[Path, ...]) -> list[str]:
+    """A command prefix that runs the rest in a mount namespace where each path is bound read-only onto itself."""
+    if not paths:
+        return []
+    mounts = " && ".join(f"mount --bind {shlex.quote(str(path))} {shlex.quote(str(path))} && "
+                         f"mount -o remount,bind,ro {shlex.quote(str(path))}" for path in paths)
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$@"', "sh"]
+
+
 def is_worker(process: psutil.Process) -> bool:
     try:
         return any("model_service_worker" in part for part in process.cmdline())
@@ -93,7 +107,9 @@ class TorchServe(OwnedServer):
         extra_config: dict[str, str] | None = None,
         env: dict[str, str] | None = None,
         base_config: Path = REPO_ROOT / "config.properties",
+        read_only: tuple[Path, ...] = (),
     ):
+        """read_only: folders the server sees read-only, as a volume mounted so (needs root: a mount namespace)."""
         self.workdir = workdir
         self.model_store = model_store
         self.models = models
@@ -101,6 +117,7 @@ class TorchServe(OwnedServer):
         self.extra_config = extra_config or {}
         self.env = env or {}
         self.base_config = base_config
+        self.read_only = read_only
         self.ports = {"inference": free_port(), "management": free_port(), "metrics": free_port()}
         self.process: subprocess.Popen | None = None
 
@@ -139,14 +156,15 @@ class TorchServe(OwnedServer):
         config.write_text("\n".join(lines) + "\n")
         return config
 
-    def start(self, timeout_s: float = 180) -> "TorchServe":
+    def start(self, timeout_s: float = 180, ready: set[str] | None = None) -> "TorchServe":
+        """Start, and wait until the ready models (default: all) have a READY worker."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.write_config()
         # A private temp dir gives this server its own pid file, so a TorchServe the user runs is untouched.
         env = {**os.environ, **self.env, "TMPDIR": str(self.workdir), "TEMP": str(self.workdir)}
         self.log = open(self.workdir / "torchserve.out", "wb")
         self.process = subprocess.Popen(
-            [str(TORCHSERVE), "--start", "--foreground", "--ncs", "--ts-config", str(config)],
+            [*read_only_mounts(self.read_only), str(TORCHSERVE), "--start", "--foreground", "--ncs", "--ts-config", str(config)],
             cwd=self.workdir,
             env=env,
             stdout=self.log,
@@ -154,15 +172,15 @@ class TorchServe(OwnedServer):
             start_new_session=True,
         )
         try:
-            self.wait_until_ready(timeout_s)
+            self.wait_until_ready(timeout_s, ready)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def wait_until_ready(self, timeout_s: float) -> None:
+    def wait_until_ready(self, timeout_s: float, ready: set[str] | None = None) -> None:
         deadline = time.monotonic() + timeout_s
-        pending = set(self.models)
+        pending = set(self.models if ready is None else ready)
         while pending or not self.answering():
             if self.process.poll() is not None:
                 raise RuntimeError(f"TorchServe exited early:\n{self.log_tail()}")

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from archiver.references import REFERENCE_THRESHOLD, references_weights
 from devtools.archives import main as archiver
@@ -19,7 +17,7 @@ from handlers.core.errors import ReferencedWeightsError
 from handlers.core.source import open_source
 from handlers.core.weights import ROOT_VARIABLE, SAMPLE_BYTES, SAMPLES
 from tests.conftest import SMALL
-from tests.unit.helpers import pixels, served_family
+from tests.unit.helpers import fine_tuned, pixels, served_family
 
 UNET = "unet/diffusion_pytorch_model.safetensors"
 VAE = "vae/diffusion_pytorch_model.safetensors"
@@ -39,14 +37,6 @@ def build(source: Path, store: Path, *options: str, name: str = "ref") -> Path:
                  "--archive-format", "no-archive", *size, *options]
     assert archiver(arguments) == 0
     return store / name
-
-
-def fine_tuned(weights: Path, target: Path) -> None:
-    """weights with every value moved a little: the same tensors, header and size, as a fine-tune saves them."""
-    with safe_open(weights, "pt") as stored:
-        tensors = {name: stored.get_tensor(name) + 0.01 for name in stored.keys()}
-        metadata = stored.metadata()
-    save_file(tensors, target, metadata)
 
 
 def sha256(path: Path) -> str:
