@@ -13,6 +13,7 @@ import yaml
 
 from archiver.build import ServingConfig
 from handlers.core.limits import Limits
+from handlers.core.weights import ROOT_VARIABLE
 from devtools import REPO_ROOT
 from devtools.harness.torchserve import TorchServe
 from tests.integration.conftest import TINY, read_properties
@@ -178,9 +179,21 @@ def test_each_kserve_manifest_runs_the_shipped_config_and_an_archive_of_its_prot
 @pytest.mark.parametrize("protocol", ["v1", "v2"])
 def test_the_kserve_wrapper_waits_as_long_as_an_archive_may_take_to_start(protocol):
     manifest = yaml.safe_load((REPO_ROOT / "kserve" / f"inferenceservice-{protocol}.yaml").read_text())
-    env = {item["name"]: int(item["value"]) for item in manifest["spec"]["predictor"]["model"]["env"]}
+    env = {item["name"]: item["value"] for item in manifest["spec"]["predictor"]["model"]["env"]}
     # TorchServe's wrapper (TorchserveModel.load): MODEL_LOAD_MAX_TRY tries, MODEL_LOAD_DELAY s apart.
-    assert env["MODEL_LOAD_MAX_TRY"] * env["MODEL_LOAD_DELAY"] >= ServingConfig.startup_timeout_s
+    assert int(env["MODEL_LOAD_MAX_TRY"]) * int(env["MODEL_LOAD_DELAY"]) >= ServingConfig.startup_timeout_s
+
+
+@pytest.mark.parametrize("protocol", ["v1", "v2"])
+def test_each_kserve_manifest_finds_the_referenced_weights_in_its_storage(protocol):
+    """KServe's storage initializer puts storageUri at /mnt/models: the config and the small archive where
+    kserve/config.properties reads them, the weights where the variable points."""
+    model = yaml.safe_load((REPO_ROOT / "kserve" / f"inferenceservice-{protocol}.yaml").read_text())["spec"]["predictor"]["model"]
+    env = {item["name"]: item["value"] for item in model["env"]}
+    assert env[ROOT_VARIABLE] == "/mnt/models/weights"
+    assert read_properties(REPO_ROOT / "kserve" / "config.properties")["model_store"] == "/mnt/models/model-store"
+    readme = (REPO_ROOT / "kserve" / "README.md").read_text()
+    assert "--weights reference --set kserve_protocol=v2" in readme and "storage/weights" in readme
 
 
 def test_the_kserve_image_runs_the_command_kserve_passes_then_the_wrapper():
@@ -240,6 +253,21 @@ def test_the_rayservice_serves_the_port_its_containers_expose_and_mounts_the_arc
         assert port in [entry["containerPort"] for entry in container["ports"]], container["name"]
         mounts = [mount["mountPath"] for mount in container["volumeMounts"]]
         assert any(source.startswith(mount.rstrip("/") + "/") for mount in mounts), container["name"]
+
+
+def test_the_container_points_referenced_weights_at_the_mount_it_documents():
+    steps = dockerfile_steps(REPO_ROOT / "docker" / "Dockerfile")
+    root = next(argument.split("=", 1)[1] for instruction, argument in steps
+                if instruction == "ENV" and argument.startswith(f"{ROOT_VARIABLE}="))
+    assert f":{root}:ro]" in (REPO_ROOT / "docker" / "Dockerfile").read_text()
+
+
+def test_every_rayservice_container_finds_the_referenced_weights_on_its_volume():
+    manifest, _ = rayservice()
+    for container in ray_containers(manifest):
+        root = {item["name"]: item["value"] for item in container["env"]}[ROOT_VARIABLE]
+        mounts = [mount for mount in container["volumeMounts"] if root.startswith(mount["mountPath"].rstrip("/") + "/")]
+        assert mounts and all(mount["readOnly"] for mount in mounts), container["name"]
 
 
 def test_the_rayservice_runs_the_ray_we_test_in_the_image_built_with_the_ray_extra():

@@ -5,8 +5,10 @@ KServe request body to /predictions/<model>, as these tests do."""
 import base64
 import io
 import threading
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,31 +16,38 @@ import requests
 from PIL import Image
 
 from devtools import REPO_ROOT
+from devtools.archives import model_dir
 from devtools.harness.torchserve import TorchServe, worker_hwm
+from handlers.core.weights import ROOT_VARIABLE
 from tests.integration.conftest import build_archive, read_properties
 
 KSERVE_CONFIG = REPO_ROOT / "kserve" / "config.properties"
 MODEL = "stable_diffusion"  # the name kserve/config.properties' model_snapshot registers
 
 
-def kserve_store(tmp_path_factory, protocol: str):
-    """An archive built, as kserve/README.md says, with the protocol the handler reads and answers."""
-    store = tmp_path_factory.mktemp(f"kserve-{protocol}") / "model-store"
-    store.mkdir()
+def kserve_storage(tmp_path_factory, protocol: str) -> Path:
+    """The storage an InferenceService's storageUri holds, laid out as kserve/README.md says: an archive built
+    with the protocol the handler reads and answers, referencing weights that were then uploaded beside it."""
+    storage = tmp_path_factory.mktemp(f"kserve-{protocol}") / "mnt-models"
+    build_machine = Path(shutil.copytree(model_dir("tiny"), storage.parent / "build-machine" / "tiny"))
+    (storage / "model-store").mkdir(parents=True)
     build_archive(
-        store, MODEL, "--source", "tiny", "--height", "64", "--width", "64", "--num-inference-steps", "2",
-        "--batch-size", "4", "--max-batch-delay", "200", "--server-config", str(KSERVE_CONFIG),
-        "--set", f"kserve_protocol={protocol}",
+        storage / "model-store", MODEL, "--source", str(build_machine), "--weights", "reference", "--height", "64",
+        "--width", "64", "--num-inference-steps", "2", "--batch-size", "4", "--max-batch-delay", "200",
+        "--server-config", str(KSERVE_CONFIG), "--set", f"kserve_protocol={protocol}",
     )
-    return store
+    build_machine.rename(storage / "weights")  # the upload: the build machine's folder is gone
+    return storage
 
 
 def kserve_server(tmp_path_factory, protocol: str) -> TorchServe:
+    storage = kserve_storage(tmp_path_factory, protocol)
     return TorchServe(
         tmp_path_factory.mktemp(f"torchserve-{protocol}"),
-        kserve_store(tmp_path_factory, protocol),
+        storage / "model-store",
         {MODEL: f"{MODEL}.mar"},
         token_auth=False,  # as shipped: only the wrapper, on loopback in the pod, calls TorchServe
+        env={ROOT_VARIABLE: str(storage / "weights")},  # as the InferenceService sets it, at /mnt/models/weights
         base_config=KSERVE_CONFIG,
     )
 
@@ -63,6 +72,12 @@ def png_of(document: dict) -> Image.Image:
     assert document["content_type"] == "image/png"
     [encoded] = document["images"]
     return Image.open(io.BytesIO(base64.b64decode(encoded)))
+
+
+def test_the_worker_loads_the_weights_uploaded_beside_the_archive(v2):
+    log = v2.log_since(0)
+    assert f"weights referenced in {v2.model_store.parent / 'weights'} (from {ROOT_VARIABLE})" in log
+    assert not list(v2.model_store.rglob("*.safetensors"))
 
 
 def test_the_shipped_config_keeps_the_secure_settings():
