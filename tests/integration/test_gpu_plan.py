@@ -4,6 +4,7 @@ CPU with the tiny model, through real TorchServe workers, and writes every figur
 import json
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -53,6 +54,15 @@ def test_the_step_part_compares_both_modes_on_the_mix_and_checks_every_image_aga
         assert figures["throughput_rps"] > 0 and all(figures[f"p95_s {steps} steps"] > 0 for steps in (4, 25, 50))
     solo = step["solo_difference"]
     assert solo["checked"] == 2 * 8 and solo["max"] <= 2  # two rounds of the plan's 8 requests
+
+
+def test_served_parts_serve_the_saved_model_where_it_lies(dry_run):
+    # --weights reference: the archives hold no weights, so FLUX needs its 34 GB on the disk only once.
+    archives = sorted((dry_run / "store").glob("*.mar"))
+    assert {archive.stem for archive in archives} >= {"eager_b1", "eager_b4", "compiled_b1", "compiled_b4", "static", "step"}
+    for archive in archives:
+        names = zipfile.ZipFile(archive).namelist()
+        assert "weights.json" in names and not [name for name in names if name.endswith(".safetensors")], archive
 
 
 def test_the_report_has_every_table_and_target(dry_run):

@@ -6,10 +6,10 @@ same work done bare and against the pytorch/serve example. `bench.py --cold-star
   bare          one Python process: import diffusers, from_pretrained from the same files, the same warm-up
                 generation our workers run inside initialize: the least a worker can do (median of 3)
   build         `python -m archiver build` end to end, in its own process; imports: a process that only
-                imports the archiver (median of 3)
+                imports what a build imports: the archiver, and diffusers, which resolves hub ids (median of 3)
   READY         TorchServe started until its worker is READY (our workers warm up inside that time)
   first / warm  the first request after READY, and the median of three after it (256x256, 1 step); the
-                main case starts three times, and reports its median start
+                main case starts five times, and reports its median start
   disk          what the disk lost from before the build to READY, beyond the archive itself
   memory        two workers of the main case's archive: each one's PSS and RSS, and how much the
                 machine's memory in use grew for the second
@@ -49,7 +49,7 @@ CASES = {
     "ours, no-archive": ("directory", ["--weights", "pack", "--archive-format", "no-archive"]),
     "ours, default (deflated)": ("directory", ["--weights", "pack", "--archive-format", "default"]),
 }
-MAIN_STARTS = 3  # this VM's speed drifts by 20 % from minute to minute: one first request is one sample of it
+MAIN_STARTS = 5  # this VM's speed drifts by 20 % from minute to minute: one first request is one sample of it
 REPEATS = 3
 BODY = {"prompt": "a lighthouse", "output_format": "png"}
 BARE = """
@@ -58,6 +58,7 @@ from diffusers import DiffusionPipeline
 pipeline = DiffusionPipeline.from_pretrained(sys.argv[1], dtype=torch.float32, use_safetensors=True)
 pipeline.set_progress_bar_config(disable=True)
 pipeline("warm-up", height=int(sys.argv[2]), width=int(sys.argv[2]), num_inference_steps=1, guidance_scale=7.5)
+print("ready", flush=True)
 """
 
 
@@ -80,12 +81,16 @@ def prepare_model(models_dir: Path) -> tuple[Path, Path]:
     return pipeline_dir, cache
 
 
-def median_run(command: list[str], env: dict | None = None) -> float:
-    """Median wall time of a fresh process running command, from its start to its exit."""
+def median_run(command: list[str]) -> float:
+    """Median wall time of a fresh process running command, from its start until it prints "ready" (a worker
+    is READY before it exits: the bare process's exit, unmapping 4 GB, is no part of a start)."""
     def once() -> float:
         started = time.perf_counter()
-        subprocess.run(command, cwd=REPO_ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
-        return time.perf_counter() - started
+        with subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True) as process:
+            assert process.stdout.readline().strip() == "ready", command
+            elapsed = time.perf_counter() - started
+            process.wait()
+        return elapsed
     return statistics.median(once() for _ in range(REPEATS))
 
 
@@ -147,7 +152,8 @@ def measure(workdir: Path, models_dir: Path) -> dict:
     log(f"SD 1.5 architecture, random weights: {weights / 2**30:.2f} GiB of safetensors in {pipeline_dir}")
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     results = {"weights_bytes": weights, "cases": {},
-               "imports_s": median_run([sys.executable, "-c", "import archiver.cli"]),
+               "imports_s": median_run([sys.executable, "-c", "import archiver.cli; from diffusers import DiffusionPipeline; "
+                                         "print('ready')"]),
                "bare_s": median_run([sys.executable, "-c", BARE, str(pipeline_dir), str(SIZE)])}
     log(f"imports {results['imports_s']:.1f} s, bare {results['bare_s']:.1f} s")
     store = workdir / "cold-store"

@@ -10,13 +10,12 @@ exactly what trained ones cost). Every part fits the device's 10-minute limit pe
   bench.py --gpu --model sd15 --part step              step-level against static batching, mixed traffic
   bench.py --gpu --dry-run                             every part, tiny model, CPU: proves the plan
 
-Disk: a served part copies the model into a no-archive store, so it needs twice the model's size (FLUX.1-dev
-in bf16: 2 x 34 GB). On a 64 GB disk, keep the saved models in memory: `--models-dir /dev/shm/models`.
+Disk: the served parts build archives that reference the saved model where it is (`--weights reference`):
+no second copy at the build or at the start, so FLUX.1-dev in bf16 needs its 34 GB once, on the disk.
 Every setting goes through the handler's own code (HandlerConfig, apply_memory_options, compile_denoiser).
 """
 
 import gc
-import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -147,13 +146,12 @@ def measure_served(run: Run, compiled: bool) -> dict:
         name = f"{'compiled' if compiled else 'eager'}_b{batch_size}"
         # The model's defaults are the workload's, as a user would set them: the warm-up runs at the default size.
         # Each compiled worker compiles into its own empty cache, so start to READY includes a cold compile.
-        options = ["--source", str(model_dir(run)), "--archive-format", "no-archive", "--batch-size", str(batch_size),
+        options = ["--source", str(model_dir(run)), "--weights", "reference", "--batch-size", str(batch_size),
                    "--height", str(workload.size), "--width", str(workload.size), "--num-inference-steps",
                    str(workload.steps), "--guidance-scale", str(workload.guidance), "--batching", "combined",
                    "--torch-dtype", workload.dtype, "--set", f"torch_compile={str(compiled).lower()}",
                    *(["--set", f"compile_cache_dir={run.out / f'inductor-{name}'}"] if compiled else [])]
-        build_ours(store, name, *options)
-        server = TorchServe(run.out / f"ts-{name}", store, {name: name})
+        server = TorchServe(run.out / f"ts-{name}", store, {name: build_ours(store, name, *options)})
         with MemoryPeak(run.device, server) as memory:
             started = time.perf_counter()
             with server.start(timeout_s=900):
@@ -167,7 +165,6 @@ def measure_served(run: Run, compiled: bool) -> dict:
         figures["peak_memory_bytes"] = memory.worker_bytes
         results[name] = figures
         log(f"{name}: {figures}")
-        shutil.rmtree(store / name, ignore_errors=True)  # a copy of the weights: FLUX's is 24 GB
     return results
 
 
@@ -198,7 +195,7 @@ def measure_step(run: Run) -> dict:
     from devtools.bench.suites import step
 
     workload, store = run.workload, run.out / "store"
-    common = ["--source", str(model_dir(run)), "--archive-format", "no-archive", "--batch-size", "4",
+    common = ["--source", str(model_dir(run)), "--weights", "reference", "--batch-size", "4",
               "--height", str(workload.size), "--width", str(workload.size), "--torch-dtype", workload.dtype]
     models = {"static": build_ours(store, "static", *common, "--batching", "combined"),
               "step": build_ours(store, "step", *common, "--batching", "step")}
@@ -208,7 +205,6 @@ def measure_step(run: Run) -> dict:
             step.send_all(server, mode, bodies[:4], concurrency=4)
         runs = interleaved({mode: (lambda mode=mode: step.send_all(server, mode, bodies, step.CONCURRENCY))
                             for mode in step.MODES}, rounds=2)
-    shutil.rmtree(store, ignore_errors=True)
     step_images = [image for measured in runs["step"] for image in measured["images"]]
     gpu_id = 0 if run.device.type == "cuda" else None
     solo = step.solo_difference(bodies * 2, step_images, model_dir(run), gpu_id, torch_dtype=workload.dtype)
