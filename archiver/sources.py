@@ -1,6 +1,7 @@
 """Turn a --source argument into a local diffusers pipeline directory: a directory, a Hugging Face Hub id,
 or the shipped digits model."""
 
+import json
 from pathlib import Path
 
 from archiver.contents import PICKLE_SUFFIXES
@@ -75,7 +76,8 @@ def download_from_hub(repo_id: str, allow_pickle_weights: bool, revision: str | 
     where = f"the Hugging Face cache ({constants.HF_HUB_CACHE})"
     print(f"fetching {repo_id} through {where}" + (", offline: HF_HUB_OFFLINE is set" if offline else ""))
     try:
-        snapshot = download_pipeline(repo_id, revision, variant, allow_pickle_weights)
+        snapshot = (cached_snapshot(repo_id, revision, variant) if offline else
+                    download_pipeline(repo_id, revision, variant, allow_pickle_weights))
     except Exception as error:  # hub, network and cache errors have no common base
         advice = (
             f"HF_HUB_OFFLINE is set, so only models already in {where} can be built; unset it to download"
@@ -85,6 +87,26 @@ def download_from_hub(repo_id: str, allow_pickle_weights: bool, revision: str | 
         )
         raise SourceError(f"could not fetch {repo_id!r} ({type(error).__name__}: {error}). {advice}.") from error
     print(f"using {snapshot}")
+    return snapshot
+
+
+def cached_snapshot(repo_id: str, revision: str | None, variant: str | None) -> Path:
+    """Offline, the snapshot the cache holds for the revision, found without importing diffusers (and torch:
+    seconds of a build that reads nothing else); refused where it lacks a folder model_index.json names or,
+    if asked, the variant's weights (diffusers' own offline download would pass either over)."""
+    from huggingface_hub import snapshot_download
+
+    snapshot = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    index = snapshot / "model_index.json"
+    if not index.is_file():
+        raise SourceError(f"the cached snapshot {snapshot} has no model_index.json: it is not a diffusers pipeline")
+    components = [name for name, value in json.loads(index.read_text()).items() if isinstance(value, list) and value[0]]
+    missing = [name for name in components if not (snapshot / name).is_dir()]
+    if missing:
+        raise SourceError(f"the cached snapshot {snapshot} lacks {', '.join(f'{name}/' for name in missing)}, which "
+                          "model_index.json names")
+    if variant and not any(snapshot.glob(f"*/*.{variant}.safetensors")):
+        raise SourceError(f"the cached snapshot {snapshot} holds no {variant} weights (*.{variant}.safetensors)")
     return snapshot
 
 

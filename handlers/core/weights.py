@@ -103,9 +103,15 @@ def weights_root(manifest: WeightsManifest, config: HandlerConfig) -> tuple[Path
 def weights_tree(root: Path, manifest: WeightsManifest) -> Path:
     """The folder the manifest's paths are relative to: the snapshot in a Hugging Face cache, or the root
     itself (a pipeline directory, or a snapshot copied out of a cache, as KServe's storage initializer does)."""
-    if manifest.hub is not None and (root / manifest.hub.folder).is_dir():
-        return root / manifest.hub.folder
-    return root
+    if manifest.hub is None:
+        return root
+    snapshot = root / manifest.hub.folder
+    if not snapshot.is_dir() and snapshot.parent.parent.is_dir():
+        raise ReferencedWeightsError(
+            f"the Hugging Face cache {root} holds {manifest.hub.repo_id} but not its snapshot {manifest.hub.commit}, which "
+            f"the archive was built from: download that revision (hf download {manifest.hub.repo_id} --revision "
+            f"{manifest.hub.commit}), or build the archive again from the snapshot the cache holds")
+    return snapshot if snapshot.is_dir() else root
 
 
 def referenced_pipeline(model_dir: Path, manifest: WeightsManifest, config: HandlerConfig) -> Path:

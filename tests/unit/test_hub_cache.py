@@ -6,6 +6,7 @@ The hub is unreachable here, so each test fills a cache the way huggingface_hub 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +103,27 @@ def test_a_variant_that_is_not_a_plain_name_is_refused_before_anything_is_fetche
     result = archiver(tmp_path, {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}, "--variant", variant)
     assert result.returncode == 2
     assert "variant" in result.stderr and "fetching" not in result.stdout
+
+
+def test_an_offline_build_from_a_full_snapshot_imports_neither_diffusers_nor_torch(tmp_path):
+    # Seconds of imports, where the build reads nothing but the cache (bench.py --cold-start times it).
+    fill_cache(tmp_path / "hf")
+    script = ("import sys; from archiver.cli import main; "
+              f"code = main(['build', '--source', {REPO_ID!r}, '--export-path', {str(tmp_path / 'store')!r}]); "
+              "print(code, sorted(name for name in ('diffusers', 'torch') if name in sys.modules))")
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                            env={**clean, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert result.stdout.strip().splitlines()[-1] == "0 []", result.stdout + result.stderr
+    assert (tmp_path / "store" / "stable_diffusion.mar").is_file()
+
+
+def test_an_offline_snapshot_missing_a_component_or_the_variant_is_refused_naming_it(tmp_path):
+    snapshot = fill_cache(tmp_path / "hf")
+    offline = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    result = archiver(tmp_path, offline, "--variant", "fp16")
+    assert result.returncode == 2 and "holds no fp16 weights (*.fp16.safetensors)" in result.stderr
+    shutil.rmtree(snapshot / "vae")
+    result = archiver(tmp_path, offline)
+    assert result.returncode == 2 and f"could not fetch {REPO_ID!r}" in result.stderr
+    assert "lacks vae/, which model_index.json names" in result.stderr

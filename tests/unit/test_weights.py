@@ -160,6 +160,14 @@ def test_a_snapshot_linked_to_another_blob_of_the_same_size_stops_the_model(tmp_
         served_family(archive)
 
 
+def test_a_cache_without_the_pinned_snapshot_says_which_revision_to_download(tmp_path, root):
+    snapshot = fill_hub_cache(root, tmp_path / "hub", REPO_ID, COMMIT)
+    archive = build(snapshot, tmp_path / "store")
+    snapshot.rename(snapshot.parent / ("f" * 40))  # the cache moved on to another commit
+    with pytest.raises(ReferencedWeightsError, match=f"holds {REPO_ID} but not its snapshot {COMMIT}.*--revision {COMMIT}"):
+        served_family(archive)
+
+
 def test_a_snapshot_copied_out_of_the_cache_serves_through_the_variable(tmp_path, root, monkeypatch):
     # KServe's storage initializer downloads a model as plain files into /mnt/models.
     snapshot = fill_hub_cache(root, tmp_path / "hub", REPO_ID, COMMIT)
