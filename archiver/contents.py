@@ -10,8 +10,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from handlers.core.archive import indexed_components
+from handlers.core.weights import PICKLE_WEIGHTS, allowed_places
+
 PIPELINE_INDEX = "model_index.json"
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 # Configs and tokenizer/processor files (vocab.json, merges.txt, spiece.model, tokenizer.json, ...).
 COMPONENT_SUFFIXES = (".json", ".safetensors", ".txt", ".model")
 # Top-level names the archive itself uses: our handler code, its entry module, TorchServe's files,
@@ -35,8 +37,8 @@ class Selection:
 
 
 def component_names(index: dict) -> list[str]:
-    """The folders model_index.json names: entries of the form [library, class]."""
-    names = [name for name, value in index.items() if isinstance(value, list) and len(value) == 2 and value[0]]
+    """The folders model_index.json names, each a plain folder name of its own."""
+    names = indexed_components(index)
     for name in names:
         if not COMPONENT_NAME.fullmatch(name) or name in RESERVED_NAMES:
             raise UnsafePipeline(f"{PIPELINE_INDEX} names a component {name!r}, which is not a plain folder name "
@@ -45,7 +47,7 @@ def component_names(index: dict) -> list[str]:
 
 
 def packed_suffixes(allow_pickle_weights: bool) -> tuple[str, ...]:
-    return COMPONENT_SUFFIXES + (PICKLE_SUFFIXES if allow_pickle_weights else ())
+    return COMPONENT_SUFFIXES + (PICKLE_WEIGHTS if allow_pickle_weights else ())
 
 
 def select_pipeline_files(source: Path, allow_pickle_weights: bool = False) -> Selection:
@@ -84,7 +86,7 @@ def _reason_to_leave_out(relative: PurePosixPath, belongs, suffixes: tuple[str, 
         return "Python code; an archive carries only this project's handler"
     if not belongs(relative.parts):
         return f"not {PIPELINE_INDEX} nor in a component folder it names"
-    if relative.suffix in PICKLE_SUFFIXES and relative.suffix not in suffixes:
+    if relative.suffix in PICKLE_WEIGHTS and relative.suffix not in suffixes:
         return "pickle weights can run code when loaded; safetensors are packed (--allow-unsafe-weights packs these)"
     if relative.suffix not in suffixes:
         return f"not a config, weights or tokenizer file ({', '.join(suffixes)})"
@@ -94,6 +96,4 @@ def _reason_to_leave_out(relative: PurePosixPath, belongs, suffixes: tuple[str, 
 def stays_inside(source: Path, target: Path) -> bool:
     """Whether a file (a link's target, or a file opened) lies inside source, or is one of its Hugging Face
     cache blobs: cache snapshots are links into the same repository's blobs/ folder."""
-    snapshots = source.resolve().parent
-    return target.is_relative_to(source.resolve()) or (
-        snapshots.name == "snapshots" and target.is_relative_to(snapshots.parent / "blobs"))
+    return any(target.is_relative_to(place) for place in allowed_places(source))

@@ -4,8 +4,9 @@ or the shipped digits model."""
 import json
 from pathlib import Path
 
-from archiver.contents import PICKLE_SUFFIXES
+from handlers.core.archive import indexed_components
 from handlers.core.source import download_pipeline, is_hub_id
+from handlers.core.weights import PICKLE_WEIGHTS
 
 DIGITS_DIR = Path(__file__).resolve().parent / "models" / "tiny-digits"
 SHIPPED = {"digits": DIGITS_DIR}  # trained weights committed to the repository, shipped in the wheel
@@ -100,7 +101,7 @@ def cached_snapshot(repo_id: str, revision: str | None, variant: str | None) -> 
     index = snapshot / "model_index.json"
     if not index.is_file():
         raise SourceError(f"the cached snapshot {snapshot} has no model_index.json: it is not a diffusers pipeline")
-    components = [name for name, value in json.loads(index.read_text()).items() if isinstance(value, list) and value[0]]
+    components = indexed_components(json.loads(index.read_text()))
     missing = [name for name in components if not (snapshot / name).is_dir()]
     if missing:
         raise SourceError(f"the cached snapshot {snapshot} lacks {', '.join(f'{name}/' for name in missing)}, which "
@@ -115,7 +116,7 @@ def pickle_only_components(pipeline_dir: Path) -> list[str]:
     unsafe = []
     for folder in sorted(path for path in pipeline_dir.iterdir() if path.is_dir()):
         files = [path for path in folder.rglob("*") if path.is_file()]
-        has_pickle = any(path.suffix in PICKLE_SUFFIXES for path in files)
+        has_pickle = any(path.suffix in PICKLE_WEIGHTS for path in files)
         has_safetensors = any(path.suffix == ".safetensors" for path in files)
         if has_pickle and not has_safetensors:
             unsafe.append(folder.name)

@@ -2,10 +2,11 @@
 named by its sha256 (git's LFS pointer id), the snapshot's files links to them, refs/main naming the commit.
 The hub is unreachable here, so tests and benchmarks of hub sources build their cache this way."""
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
+
+from handlers.core.weights import file_digest
 
 
 def fill_hub_cache(pipeline_dir: Path, cache: Path, repo_id: str, commit: str) -> Path:
@@ -16,11 +17,11 @@ def fill_hub_cache(pipeline_dir: Path, cache: Path, repo_id: str, commit: str) -
     for path in sorted(pipeline_dir.rglob("*")):
         if not path.is_file():
             continue
-        digest = hashlib.sha256()
-        with open(path, "rb") as stream:
-            while chunk := stream.read(1 << 24):
-                digest.update(chunk)
-        blob = repo / "blobs" / digest.hexdigest()
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            blob = repo / "blobs" / file_digest(descriptor)
+        finally:
+            os.close(descriptor)
         if not blob.exists():
             try:
                 os.link(path, blob)

@@ -19,6 +19,11 @@ COMPLETE_MARKER = ".unpacked-complete"
 MAX_MEMBERS = 10_000
 
 
+def indexed_components(index: dict) -> list[str]:
+    """The folders a pipeline's model_index.json names: entries of the form [library, class]."""
+    return [name for name, value in index.items() if isinstance(value, list) and len(value) == 2 and value[0]]
+
+
 def locate_pipeline(model_dir: Path, unpack_dir: Path | None = None, max_unpacked_bytes: int | None = None) -> Path:
     """The directory holding model_index.json: the archive root, or an unpacked model.zip."""
     if (model_dir / PIPELINE_MARKER).is_file():

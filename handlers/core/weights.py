@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 
 from pydantic import BaseModel, Field, ValidationError
 
+from handlers.core.archive import PIPELINE_MARKER, indexed_components
 from handlers.core.config import HandlerConfig
 from handlers.core.errors import ReferencedWeightsError
 from handlers.core.source import private_directory
@@ -207,10 +208,8 @@ def link_directory(model_dir: Path, weights: dict[str, Path]) -> Path:
     parent = private_links_root()
     load_dir = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=parent))
     atexit.register(shutil.rmtree, load_dir, True)
-    index = json.loads((model_dir / "model_index.json").read_text())
-    components = [name for name, value in index.items() if isinstance(value, list) and len(value) == 2 and value[0]]
-    (load_dir / "model_index.json").symlink_to(model_dir / "model_index.json")
-    for component in components:
+    (load_dir / PIPELINE_MARKER).symlink_to(model_dir / PIPELINE_MARKER)
+    for component in indexed_components(json.loads((model_dir / PIPELINE_MARKER).read_text())):
         for path in sorted((model_dir / component).rglob("*")) if (model_dir / component).is_dir() else []:
             if path.is_file():
                 (load_dir / path.relative_to(model_dir)).parent.mkdir(parents=True, exist_ok=True)
