@@ -16,7 +16,7 @@ from model_archiver.model_packaging_utils import ModelExportUtils
 import handlers
 from archiver.contents import PIPELINE_INDEX, UnsafePipeline, select_component_files, select_pipeline_files, stays_inside
 from archiver.references import describe_reference, is_weights, references_weights, weights_manifest
-from handlers.core.weights import MANIFEST
+from handlers.core.weights import MANIFEST, opened_path
 
 HANDLER_PACKAGE = Path(handlers.__file__).resolve().parent  # from the checkout or an installed wheel
 # The module TorchServe's manifest names, copied to the archive root: TorchServe takes the one class
@@ -212,7 +212,7 @@ def stage_file(path: Path, destination: Path, link: bool, allowed) -> int:
     file is read once, into the zip. Its size."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
-        opened = Path(os.readlink(f"/proc/self/fd/{descriptor}"))
+        opened = opened_path(descriptor)
         if not allowed(opened):
             raise UnsafePipeline(f"{path} opened {opened}, outside the source; links are never followed out")
         if link:

@@ -12,11 +12,13 @@ from handlers.core.weights import (
     PICKLE_WEIGHTS,
     ROOT_VARIABLE,
     SAFE_WEIGHTS,
+    SHA256_HEX,
     HubSnapshot,
     WeightFile,
     WeightsManifest,
     check_tree,
     file_digest,
+    opened_path,
     sample_digest,
 )
 
@@ -25,7 +27,6 @@ from handlers.core.weights import (
 REFERENCE_THRESHOLD = 2**30
 WEIGHTS_MODES = ("auto", "pack", "reference")
 COMMIT = re.compile(r"[0-9a-f]{40}")
-SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def is_weights(relative: PurePosixPath) -> bool:
@@ -69,9 +70,9 @@ def weights_manifest(source: Path, files: list[PurePosixPath]) -> WeightsManifes
 def weight_entry(source: Path, relative: PurePosixPath) -> WeightFile:
     descriptor = os.open(source / relative, os.O_RDONLY)
     try:
-        real = Path(os.readlink(f"/proc/self/fd/{descriptor}"))
+        real = opened_path(descriptor)
         size = os.fstat(descriptor).st_size
-        named = real.parent.name == "blobs" and SHA256.fullmatch(real.name)
+        named = real.parent.name == "blobs" and re.fullmatch(SHA256_HEX, real.name)
         return WeightFile(path=str(relative), size=size, sha256=real.name if named else file_digest(descriptor),
                           sample_sha256=sample_digest(descriptor, size))
     finally:

@@ -71,6 +71,11 @@ def sample_digest(descriptor: int, size: int) -> str:
     return digest.hexdigest()
 
 
+def opened_path(descriptor: int) -> Path:
+    """Where an open file really lies, links resolved: what a check must judge, not the path it was opened by."""
+    return Path(os.readlink(f"/proc/self/fd/{descriptor}"))
+
+
 def file_digest(descriptor: int) -> str:
     digest = hashlib.sha256()
     offset = 0
@@ -181,7 +186,7 @@ def checked_file(tree: Path, file: WeightFile, verify: str, suffixes: tuple[str,
     except OSError as error:
         raise ReferencedWeightsError(f"{file.path} is missing from the weights root {tree} ({error.strerror})") from None
     try:
-        real = Path(os.readlink(f"/proc/self/fd/{descriptor}"))
+        real = opened_path(descriptor)
         if not any(real.is_relative_to(place) for place in allowed_places(tree)):
             raise ReferencedWeightsError(f"{file.path} in the weights root {tree} leads to {real}, outside it; "
                                          "links are never followed out")
